@@ -1,0 +1,14 @@
+"""Errors that map to the CLI's exit codes (2 = bad input, 1 = internal error)."""
+from __future__ import annotations
+
+
+class BadInputError(Exception):
+    """Bad config, data or arguments. Carries one line per problem.
+
+    Each problem names the file, the record (index or id) where there is one, and what is wrong,
+    e.g. ``"data/shape/train.json: record 3 (id 'a7'): image 'x.png' not found"``.
+    """
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
