@@ -1,0 +1,248 @@
+"""CRAM's adaptive-rank consolidation and orthogonality penalty as pure tensor functions
+(CRAM.md parts 5 and 6).
+
+Scale convention (used everywhere in cramcl):
+  * the buffer LoRA's update is ``delta_buf = s * B_buf @ A_buf`` with ``s = alpha / R``;
+  * an expert's factors absorb everything: ``delta_k = B_k @ A_k`` (scale 1).
+Consolidation therefore factors ``s * B_buf @ A_buf`` itself, and an adapted layer applies experts with
+scale 1. (The authors' code applies s a second time to the experts; we do not.)
+
+Shapes: d_in / d_out = the adapted linear's input / output size, R = buffer rank, R' = min(d_out, R,
+d_in) directions of the buffer's SVD, r = the new expert's rank, m = size of a history basis.
+Computations run in at least float32 (float64 inputs stay float64); results come back in that dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-12
+
+
+def _work_dtype(*ts: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in ts:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------- SVD
+def buffer_update_svd(B_buf: Tensor, A_buf: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of the buffer's update ``scale * B_buf @ A_buf`` without forming it.
+
+    B_buf: (d_out, R), A_buf: (R, d_in) -> U: (d_out, R'), S: (R',) descending, Vh: (R', d_in),
+    with U diag(S) Vh = scale * B_buf @ A_buf. QR of the tall B_buf, then SVD of the small core
+    ``scale * R_B @ A_buf`` ((<= R) x d_in): O(d R^2) instead of an SVD of a d_out x d_in matrix.
+    """
+    dtype = _work_dtype(B_buf, A_buf)
+    Q_B, R_B = torch.linalg.qr(B_buf.detach().to(dtype), mode="reduced")  # (d_out, k), (k, R)
+    core = float(scale) * (R_B @ A_buf.detach().to(dtype))  # (k, d_in)
+    U_c, S, Vh = torch.linalg.svd(core, full_matrices=False)  # (k, R'), (R',), (R', d_in)
+    return Q_B @ U_c, S, Vh
+
+
+# ------------------------------------------------------------------------------------------- history
+def history_basis(As: list[Tensor], tol: float = 1e-6, *, dim: int | None = None) -> Tensor:
+    """Orthonormal basis of the union of the row spaces of the A's.
+
+    As: list of (r_j, d_in) -> (d_in, m). Directions whose singular value in the stacked rows is below
+    ``tol * max`` are dropped (rank-deficient or duplicated history). An empty list (or all-zero rows)
+    gives (d_in, 0); ``dim`` supplies d_in when the list is empty.
+    """
+    if not As:
+        if dim is None:
+            raise ValueError("history_basis: empty list needs dim=d_in")
+        return torch.zeros(dim, 0)
+    dtype = _work_dtype(*As)
+    M = torch.cat([a.detach().to(dtype) for a in As], dim=0)  # (sum r_j, d_in)
+    if dim is not None and M.shape[1] != dim:
+        raise ValueError(f"history_basis: rows have size {M.shape[1]}, expected {dim}")
+    _, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    if S.numel() == 0 or float(S[0]) <= 0.0:
+        return torch.zeros(M.shape[1], 0, dtype=dtype, device=M.device)
+    keep = S > tol * S[0]
+    return Vh[keep].T.contiguous()
+
+
+def column_history_basis(Bs: list[Tensor], tol: float = 1e-6, *, dim: int | None = None) -> Tensor:
+    """Orthonormal basis of the union of the column spaces of the B's.
+
+    Bs: list of (d_out, r_j) -> (d_out, m); ``dim`` = d_out for an empty list.
+    """
+    return history_basis([b.T for b in Bs], tol, dim=dim)
+
+
+def orth_history_basis(As: list[Tensor], Bs: list[Tensor], d_in: int, d_out: int,
+                       tol: float = 1e-6) -> Tensor:
+    """Q_hist for the orthogonality penalty (CRAM.md part 6): a basis in output space.
+
+    As: list of (r_j, d_in), Bs: list of (d_out, r_j) of the earlier same-group experts ->
+    (d_out, m): the row space of the A's when d_in == d_out, else the column space of the B's.
+    """
+    if d_in == d_out:
+        return history_basis(As, tol, dim=d_in)
+    return column_history_basis(Bs, tol, dim=d_out)
+
+
+def novelty(Vh: Tensor, Q: Tensor) -> Tensor:
+    """Share of each direction outside span(Q): ``||v - Q Q^T v|| / ||v||``.
+
+    Vh: (n, d_in) rows v, Q: (d_in, m) orthonormal columns -> (n,) in [0, 1]; all ones when m = 0.
+    """
+    dtype = _work_dtype(Vh, Q)
+    V, Q = Vh.to(dtype), Q.to(device=Vh.device, dtype=dtype)
+    resid = V - (V @ Q) @ Q.T  # (n, d_in)
+    return resid.norm(dim=-1) / V.norm(dim=-1).clamp_min(_EPS)
+
+
+# ------------------------------------------------------------------------------------------- selection
+def select_expert_directions(S: Tensor, novelty: Tensor | None, tau_alloc: float, tau_novel: float,
+                             r_min: int, r_max: int, fixed_rank: int | None = None) -> Tensor:
+    """Which SVD directions of the buffer become the new expert (CRAM.md part 5, steps 2-4).
+
+    S: (R',) singular values, novelty: (R',) or None (no earlier experts in the group) ->
+    LongTensor (r,) of kept indices into S, in descending-S order.
+      2. candidates: S > tau_alloc, strongest first, at most r_max; none passes -> the strongest one;
+      3. with novelty: keep candidates with novelty > tau_novel; none survives -> the strongest
+         candidate;
+      4. pad with the next strongest directions not yet kept up to r_min; never above r_max nor R'.
+    ``fixed_rank`` (ablation): ignore tau_alloc / tau_novel / r_min / r_max, take the top
+    min(fixed_rank, R') directions.
+    """
+    S = S.detach().reshape(-1)
+    n = int(S.shape[0])
+    order = torch.argsort(S, descending=True, stable=True).tolist()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if fixed_rank is not None:
+        if fixed_rank < 1:
+            raise ValueError(f"fixed_rank must be >= 1, got {fixed_rank}")
+        return torch.tensor(order[:min(int(fixed_rank), n)], dtype=torch.long)
+    if r_max < 1:
+        raise ValueError(f"r_max must be >= 1, got {r_max}")
+    cand = [i for i in order if float(S[i]) > tau_alloc][:r_max] or [order[0]]
+    if novelty is not None:
+        nov = novelty.detach().reshape(-1)
+        if nov.shape[0] != n:
+            raise ValueError(f"novelty has {nov.shape[0]} entries, S has {n}")
+        kept = [i for i in cand if float(nov[i]) > tau_novel] or [cand[0]]
+    else:
+        kept = list(cand)
+    target = min(int(r_min), int(r_max), n)
+    for i in order:  # padding in S order, among every direction (not only candidates)
+        if len(kept) >= target:
+            break
+        if i not in kept:
+            kept.append(i)
+    rank_of = {i: pos for pos, i in enumerate(order)}
+    return torch.tensor(sorted(kept, key=rank_of.__getitem__), dtype=torch.long)
+
+
+def _project_off(V: Tensor, Q: Tensor) -> tuple[Tensor, int]:
+    """Project rows of V off span(Q) and renormalise (step 5).
+
+    V: (r, d_in), Q: (d_in, m) -> ((r, d_in) unit rows orthogonal to span(Q), number replaced).
+    Projection is done twice ("twice is enough") so float32 residues stay ~1e-7. A row lying (almost)
+    entirely inside span(Q) has no direction left to renormalise; it is replaced by the unit vector
+    e_j, projected off span(Q) and the rows kept so far, with j chosen to keep the most of it — it stays
+    orthogonal to the history as required (a zero row if span(Q) + kept rows fill the whole space).
+    """
+    out, replaced = [], 0
+    for v in V:
+        for _ in range(2):
+            v = v - Q @ (Q.T @ v)
+        nrm = v.norm()
+        if float(nrm) <= 1e-6:
+            replaced += 1
+            cols = [Q] + ([torch.stack(out, 1)] if out else [])
+            basis, _ = torch.linalg.qr(torch.cat(cols, 1), mode="reduced")  # (d_in, m')
+            if basis.shape[1] >= basis.shape[0]:
+                out.append(torch.zeros_like(v))
+                continue
+            j = int(torch.argmin(basis.pow(2).sum(1)))  # e_j with the largest part outside span
+            v = torch.zeros_like(v)
+            v[j] = 1.0
+            for _ in range(2):
+                v = v - basis @ (basis.T @ v)
+            nrm = v.norm()
+        out.append(v / nrm)
+    return (torch.stack(out, 0) if out else V[:0]), replaced
+
+
+@dataclass
+class ConsolidationResult:
+    """A new expert from the buffer. B: (d_out, r), A: (r, d_in) with delta = B @ A (scale 1)."""
+
+    B: Tensor
+    A: Tensor
+    rank: int
+    kept: Tensor  # LongTensor (r,): indices of the kept SVD directions, descending S
+    singular_values: Tensor  # (r,): S of the kept directions
+    novelty: Tensor | None  # (R',): novelty of every direction, None without history
+    n_candidates: int  # directions with S > tau_alloc (capped at r_max; 1 if none passed)
+    n_replaced: int = 0  # kept directions that lay inside span(Q) and were replaced (see _project_off)
+
+
+def consolidate_buffer(B_buf: Tensor, A_buf: Tensor, scale: float, history_As: list[Tensor], *,
+                       tau_alloc: float = 0.08, tau_novel: float = 0.99, r_min: int = 4,
+                       r_max: int = 9, fixed_rank: int | None = None,
+                       tol: float = 1e-6) -> ConsolidationResult:
+    """Turn one module's buffer into the task's new expert (CRAM.md part 5, steps 1-6).
+
+    B_buf: (d_out, R), A_buf: (R, d_in), scale = alpha / R; history_As: A's (r_j, d_in) of the
+    earlier experts in the same group (empty list: none).
+      1. U S Vh = svd(scale * B_buf A_buf);  2-4. pick directions (:func:`select_expert_directions`);
+      5. project kept rows of Vh off span(Q) (history row space) and renormalise;
+      6. B = U_S diag(S_S^1/2), A = diag(S_S^1/2) V_S^T.
+    Without history, B @ A is the rank-r truncation of the buffer's update. With history, the rows
+    of A are orthogonal to span(Q). Returns tensors in at least float32, detached.
+    """
+    U, S, Vh = buffer_update_svd(B_buf, A_buf, scale)
+    d_in = A_buf.shape[1]
+    Q = history_basis(history_As, tol, dim=d_in).to(device=Vh.device, dtype=Vh.dtype)
+    has_history = Q.shape[1] > 0
+    nov = novelty(Vh, Q) if has_history else None
+    idx = select_expert_directions(S, nov, tau_alloc, tau_novel, r_min, r_max, fixed_rank)
+    idx_dev = idx.to(S.device)
+    n_cand = max(1, min(int((S > tau_alloc).sum()), int(r_max)))
+    S_k, U_k, V_k = S[idx_dev], U[:, idx_dev], Vh[idx_dev]
+    replaced = 0
+    if has_history:
+        V_k, replaced = _project_off(V_k, Q)
+    root = S_k.clamp_min(0).sqrt()
+    return ConsolidationResult(
+        B=(U_k * root[None, :]).contiguous(),
+        A=(root[:, None] * V_k).contiguous(),
+        rank=int(idx.numel()),
+        kept=idx,
+        singular_values=S_k,
+        novelty=nov,
+        n_candidates=n_cand,
+        n_replaced=replaced,
+    )
+
+
+# ------------------------------------------------------------------------------------------- penalty
+def orthogonality_energy(z: Tensor, Q_hist: Tensor) -> Tensor:
+    """Energy of the new expert's output inside the history subspace: ``E_b = ||Q_hist^T z_b||^2``.
+
+    z: (B, d_out) = the new expert's output on the pooled image-token hidden states,
+    Q_hist: (d_out, m) orthonormal -> (B,) in at least float32; zeros when m = 0 (gradient still flows).
+    """
+    dtype = _work_dtype(z, Q_hist)
+    proj = z.to(dtype) @ Q_hist.to(device=z.device, dtype=dtype)  # (B, m)
+    return proj.pow(2).sum(-1)
+
+
+def gated_orthogonality_penalty(z: Tensor, Q_hist: Tensor, gate: Tensor) -> Tensor:
+    """``mean_b gate_b * E_b`` for one adapted module (lambda and the mean over layers: caller's).
+
+    z: (B, d_out), Q_hist: (d_out, m), gate: (B,) = summed routing weight of the earlier experts
+    per sample -> scalar. 0 for an empty batch.
+    """
+    E = orthogonality_energy(z, Q_hist)  # (B,)
+    if E.numel() == 0:
+        return E.sum()
+    return (gate.to(device=E.device, dtype=E.dtype).reshape(-1) * E).mean()

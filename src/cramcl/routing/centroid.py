@@ -1,0 +1,130 @@
+"""Level 2 of CRAM: centroid (RBF) routing over a group's experts, CRAM.md part 4.
+
+Every (layer, expert) pair owns a learnable centroid c_k in image-embedding space; an input with image
+embedding q is routed with ``pi_k = softmax_k(-||q - c_k||^2 / (2 sigma^2))`` over all experts of its
+group (no top-k). This module holds the routing-weight functions (per sample, the authors' batch-mean
+variant, and the uniform / oracle ablations) and the accumulator that averages a task's image
+embeddings into the buffer centroid c_buf during warm-up.
+
+Shapes: B = batch, K = experts in the group, D = image-embedding size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _work_dtype(*ts: Tensor) -> torch.dtype:
+    """At least float32: bf16 distances of 768-d vectors lose too much for a softmax over them."""
+    dtype = torch.float32
+    for t in ts:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def squared_distances(q: Tensor, centroids: Tensor) -> Tensor:
+    """||q_b - c_k||^2 for every pair.
+
+    q: (B, D), centroids: (K, D) -> (B, K), in at least float32.
+    Uses the explicit difference (B, K, D) rather than the expanded form ||q||^2 + ||c||^2 - 2 q.c:
+    it cannot go negative by cancellation, and unlike cdist its gradient is finite at zero distance.
+    B * K * D stays small here (K <= a few tens).
+    """
+    dtype = _work_dtype(q, centroids)
+    diff = q.to(dtype)[:, None, :] - centroids.to(dtype)[None, :, :]  # (B, K, D)
+    return diff.pow(2).sum(-1)
+
+
+def rbf_routing_weights(q: Tensor, centroids: Tensor, sigma: float) -> Tensor:
+    """Per-sample RBF routing weights.
+
+    q: (B, D), centroids: (K, D) -> (B, K) = softmax_k(-||q_b - c_k||^2 / (2 sigma^2)); rows sum to 1.
+    Differentiable with respect to both q and centroids. Returned in at least float32 (cast for use).
+    softmax subtracts the row max, so far-away inputs do not underflow to 0/0.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if q.dim() != 2 or centroids.dim() != 2 or q.shape[1] != centroids.shape[1]:
+        raise ValueError(f"expected q (B, D) and centroids (K, D), got {tuple(q.shape)} "
+                         f"and {tuple(centroids.shape)}")
+    logits = -squared_distances(q, centroids) / (2.0 * float(sigma) ** 2)  # (B, K)
+    return torch.softmax(logits, dim=-1)
+
+
+def batch_mean_routing_weights(q: Tensor, centroids: Tensor, sigma: float) -> Tensor:
+    """The authors' behaviour: route the whole batch by its mean image embedding.
+
+    q: (B, D), centroids: (K, D) -> (B, K) with every row equal to
+    ``rbf_routing_weights(q.mean(0, keepdim=True), centroids, sigma)``. Mis-routes mixed-task batches;
+    kept only for comparison with the paper.
+    """
+    w = rbf_routing_weights(q.mean(dim=0, keepdim=True), centroids, sigma)  # (1, K)
+    return w.expand(q.shape[0], -1).clone()
+
+
+def uniform_routing_weights(B: int, K: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """Ablation: every expert of the group weighted 1/K. -> (B, K) (an empty (B, 0) when K = 0)."""
+    if K == 0:
+        return torch.zeros(B, 0, device=device, dtype=dtype)
+    return torch.full((B, K), 1.0 / K, device=device, dtype=dtype)
+
+
+def oracle_routing_weights(expert_of_sample: Tensor, K: int, *, dtype=torch.float32) -> Tensor:
+    """Ablation: weight 1 on the expert trained on each sample's own task.
+
+    expert_of_sample: LongTensor (B,) with values in [0, K) -> one-hot (B, K).
+    """
+    idx = expert_of_sample.long().reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= K):
+        raise ValueError(f"expert indices must lie in [0, {K}), got {idx.tolist()}")
+    return F.one_hot(idx, num_classes=K).to(dtype)
+
+
+class CentroidAccumulator:
+    """Running sum and count of image embeddings: c_buf = their mean over a task's warm-up.
+
+    Sums are kept in float64 on the CPU so that per-process (sum, count) pairs can be all-reduced by
+    summation and give the same mean as one process seeing every sample.
+    """
+
+    def __init__(self, dim: int | None = None):
+        self.dim = dim
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum = None if self.dim is None else torch.zeros(self.dim, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, q: Tensor) -> None:
+        """q: (B, D) (or (D,)) image embeddings of one batch; detached (c_buf is not trained)."""
+        q = q.detach()
+        if q.dim() == 1:
+            q = q[None]
+        s = q.to(device="cpu", dtype=torch.float64).sum(0)  # (D,)
+        if self._sum is None:
+            self.dim = int(s.shape[0])
+            self._sum = torch.zeros(self.dim, dtype=torch.float64)
+        if s.shape[0] != self.dim:
+            raise ValueError(f"embedding size {s.shape[0]} != accumulator size {self.dim}")
+        self._sum += s
+        self.count += int(q.shape[0])
+
+    def sums(self) -> tuple[Tensor, int]:
+        """(sum (D,) float64, count) — all-reduce both by summation, then :meth:`load_sums`."""
+        if self._sum is None:
+            raise RuntimeError("CentroidAccumulator is empty and has no size yet")
+        return self._sum.clone(), self.count
+
+    def load_sums(self, sum_vec: Tensor, count: int) -> None:
+        """Replace the state by (sum_vec (D,), count), e.g. the all-reduced totals."""
+        s = sum_vec.detach().reshape(-1).to(device="cpu", dtype=torch.float64).clone()
+        if int(count) < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        self.dim, self._sum, self.count = int(s.shape[0]), s, int(count)
+
+    def mean(self) -> Tensor:
+        """c_buf: (D,) float32, the mean of every embedding added (or loaded) so far."""
+        if self.count == 0:
+            raise RuntimeError("CentroidAccumulator.mean() with no embeddings added")
+        return (self._sum / self.count).to(torch.float32)
