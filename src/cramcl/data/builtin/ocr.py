@@ -1,0 +1,49 @@
+"""The ``ocr`` task: a two-digit number (10-99) printed at a random place in random contrasting colours.
+
+Text is drawn with Pillow's built-in font (``ImageFont.load_default(size=N)``), so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cramcl.data.builtin._common import Sample, split_rng, unique_samples
+
+QUESTION = "Read the printed number."
+CAPTION = "a printed number"
+
+
+@functools.lru_cache(maxsize=4)
+def _font(image_size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # About 40% of the image height: readable at 64 px and leaves room to move the text around.
+    return ImageFont.load_default(size=max(8, round(image_size * 0.4)))
+
+
+def _colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(background, ink): one light and one dark, at random, so the ink always stands out."""
+    light = tuple(int(v) for v in rng.integers(170, 256, size=3))
+    dark = tuple(int(v) for v in rng.integers(0, 90, size=3))
+    return (light, dark) if rng.random() < 0.5 else (dark, light)
+
+
+def _number_image(rng: np.random.Generator, image_size: int) -> Sample:
+    number = str(int(rng.integers(10, 100)))
+    background, ink = _colours(rng)
+    im = Image.new("RGB", (image_size, image_size), background)
+    draw = ImageDraw.Draw(im)
+    font = _font(image_size)
+    left, top, right, bottom = draw.textbbox((0, 0), number, font=font)
+    # Random offset that keeps the whole text box (plus a 1 px margin) inside the image.
+    x = int(rng.integers(1 - left, max(2 - left, image_size - right - 1)))
+    y = int(rng.integers(1 - top, max(2 - top, image_size - bottom - 1)))
+    draw.text((x, y), number, font=font, fill=ink)
+    return Sample(QUESTION, number, CAPTION, image=im)
+
+
+def make_ocr(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+             exclude: set[str]) -> list[Sample]:
+    """Printed-number records; the answer is the number ("10".."99")."""
+    return unique_samples(lambda rng: _number_image(rng, image_size), n, split_rng(task_seed, split),
+                          exclude)

@@ -1,0 +1,93 @@
+"""Procedural scenes: ``count`` (1-6 coloured dots) and ``caption`` (one or two placed shapes).
+
+Both draw each image from a seeded numpy stream per split; ``unique_samples`` rejects any image
+already drawn for the test split, so train never contains a test image.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cramcl.data.builtin._common import PALETTE, Sample, split_rng, unique_samples
+
+COUNT_QUESTION = "How many dots are there?"
+CAPTION_QUESTION = "Describe the scene briefly."
+MAX_DOTS = 6
+SHAPES = ("circle", "square", "triangle")
+_COLOUR_NAMES = tuple(PALETTE)
+_BACKGROUND = (240, 240, 240)
+
+
+def _dot_scene(rng: np.random.Generator, image_size: int) -> Sample:
+    """1..6 filled dots of random palette colours at random non-overlapping positions."""
+    n = int(rng.integers(1, MAX_DOTS + 1))
+    r = max(2, round(image_size * 0.07))
+    gap = 2 * r + max(2, image_size // 32)  # centre distance that leaves a visible gap between dots
+    im = Image.new("RGB", (image_size, image_size), _BACKGROUND)
+    draw = ImageDraw.Draw(im)
+    centres: list[tuple[int, int]] = []
+    while len(centres) < n:  # rejection sampling; 6 small dots always fit, so this ends fast
+        x, y = (int(v) for v in rng.integers(r + 1, image_size - r - 1, size=2))
+        if all((x - cx) ** 2 + (y - cy) ** 2 >= gap * gap for cx, cy in centres):
+            centres.append((x, y))
+    for x, y in centres:
+        colour = PALETTE[_COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]]
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    return Sample(COUNT_QUESTION, str(n), "some dots", image=im)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float,
+                colour: tuple[int, int, int]) -> None:
+    h = size / 2
+    if shape == "circle":
+        draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=colour)
+    elif shape == "square":
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=colour)
+    else:  # an upward triangle
+        draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=colour)
+
+
+def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
+    """One shape (a third of scenes) or two of distinct colours, side by side or one above the other.
+
+    The caption names the left (or upper) shape first: "a red circle left of a blue square",
+    "a red circle above a blue square", or just "a red circle".
+    """
+    s = float(image_size)
+    im = Image.new("RGB", (image_size, image_size), _BACKGROUND)
+    draw = ImageDraw.Draw(im)
+    count = 1 if rng.random() < 1 / 3 else 2
+    colours = [_COLOUR_NAMES[int(i)] for i in rng.choice(len(_COLOUR_NAMES), size=count, replace=False)]
+    shapes = [SHAPES[int(i)] for i in rng.integers(len(SHAPES), size=count)]
+    sizes = [s * float(rng.uniform(0.22, 0.32)) for _ in range(count)]
+    names = [f"a {c} {sh}" for c, sh in zip(colours, shapes)]
+    if count == 1:
+        h = sizes[0] / 2
+        cx, cy = (float(rng.uniform(h + 1, s - h - 1)) for _ in range(2))
+        _draw_shape(draw, shapes[0], cx, cy, sizes[0], PALETTE[colours[0]])
+        return Sample(CAPTION_QUESTION, names[0], "one shape", image=im)
+
+    horizontal = rng.random() < 0.5
+    for k in range(2):
+        h = sizes[k] / 2
+        # Along the relation axis, shape k stays in its own half; across it, anywhere.
+        along = float(rng.uniform(k * s / 2 + h + 1, (k + 1) * s / 2 - h - 1))
+        across = float(rng.uniform(h + 1, s - h - 1))
+        cx, cy = (along, across) if horizontal else (across, along)
+        _draw_shape(draw, shapes[k], cx, cy, sizes[k], PALETTE[colours[k]])
+    relation = "left of" if horizontal else "above"
+    return Sample(CAPTION_QUESTION, f"{names[0]} {relation} {names[1]}", "two shapes", image=im)
+
+
+def make_count(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+               exclude: set[str]) -> list[Sample]:
+    """Dot-counting records; answer "1".."6" (uniform)."""
+    return unique_samples(lambda rng: _dot_scene(rng, image_size), n, split_rng(task_seed, split),
+                          exclude)
+
+
+def make_caption(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                 exclude: set[str]) -> list[Sample]:
+    """Scene-description records; the answer is a short free-text caption (scorer ``caption``)."""
+    return unique_samples(lambda rng: _shape_scene(rng, image_size), n, split_rng(task_seed, split),
+                          exclude)

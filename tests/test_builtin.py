@@ -1,0 +1,139 @@
+"""The built-in stream: order, formats, determinism, train/test disjointness, idempotence."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cramcl.data.benchmark import load_benchmark
+from cramcl.data.builtin import BUILTIN_TASKS, generate_builtin
+from cramcl.data.validate import validate_benchmark
+from cramcl.errors import BadInputError
+
+ORDER = ["shape", "colour", "yesno", "digits", "count", "ocr", "caption"]
+SIZES = dict(n_train=20, n_test=10, n_pretrain=40)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    return generate_builtin(tmp_path_factory.mktemp("a") / "bench", seed=0, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def bench(built):
+    return load_benchmark(built)
+
+
+def test_seven_tasks_in_order(bench):
+    assert list(BUILTIN_TASKS) == ORDER
+    assert bench.task_names() == ORDER
+    assert [len(t.train) for t in bench.tasks] == [20] * 7
+    assert [len(t.test) for t in bench.tasks] == [10] * 7
+    assert {t.name: t.scorer for t in bench.tasks} == {
+        "shape": "exact", "colour": "exact", "yesno": "exact", "digits": "number",
+        "count": "number", "ocr": "number", "caption": "caption"}
+    # Both record formats appear: LLaVA JSON for train, JSONL QA for test.
+    assert all(t.train_file.read_text().startswith("[") for t in bench.tasks)
+    assert all(t.test_file.read_text().startswith("{") for t in bench.tasks)
+
+
+def test_each_task_has_its_own_question_templates(bench):
+    templates = {t.name: {r.question for r in t.train + t.test} for t in bench.tasks}
+    for name, qs in templates.items():
+        if name != "yesno":
+            assert len(qs) == 1, (name, qs)  # one normalised template per task
+    names = list(templates)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not templates[a] & templates[b], (a, b)
+    assert all(re.match(r"^(Is|Does) ", q) and " not " not in q for q in templates["yesno"])
+
+
+def test_answers_fit_each_task(bench):
+    answers = {t.name: [r.answer for r in t.train + t.test] for t in bench.tasks}
+    assert set(answers["shape"]) <= {"circle", "rectangle", "triangle"}
+    assert set(answers["colour"]) <= {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+    assert Counter(r.answer for r in bench.tasks[2].test) == {"yes": 5, "no": 5}
+    assert set(answers["digits"]) <= set("0123456789")
+    assert set(answers["count"]) <= set("123456")
+    assert all(10 <= int(a) <= 99 for a in answers["ocr"])
+    phrase = r"a (red|green|blue|yellow|purple|black) (circle|square|triangle)"
+    assert all(re.fullmatch(f"{phrase}( (left of|above) {phrase})?", a) for a in answers["caption"])
+
+
+def test_generated_images_have_the_requested_size(bench):
+    for task in bench.tasks[3:]:
+        assert Image.open(task.test[0].image).size == (64, 64)
+
+
+def test_no_test_image_in_its_tasks_train_split(bench):
+    for task in bench.tasks:
+        train = {file_hash(r.image) for r in task.train}
+        test = {file_hash(r.image) for r in task.test}
+        assert len(test) == len({r.image for r in task.test})  # distinct files hold distinct images
+        assert not train & test, task.name
+
+
+def test_pretrain_corpus_avoids_every_test_image(bench):
+    pre = [json.loads(line) for line in bench.pretrain_file.read_text().splitlines()]
+    assert len(pre) == SIZES["n_pretrain"]
+    assert {p["question"] for p in pre} == {"Describe the image."}
+    captions = {p["answer"] for p in pre}
+    assert {"a handwritten digit", "a printed number", "some dots"} <= captions
+    pre_hashes = {file_hash(bench.image_root / p["image"]) for p in pre}
+    test_hashes = {file_hash(r.image) for t in bench.tasks for r in t.test}
+    assert not pre_hashes & test_hashes
+
+
+def test_validate_finds_no_problem(built):
+    bench, problems = validate_benchmark(built)
+    assert problems == [] and bench is not None
+
+
+def test_same_seed_is_byte_identical_other_seed_differs(built, tmp_path):
+    again = generate_builtin(tmp_path / "again", seed=0, **SIZES)
+    first, second = tree_hashes(built.parent), tree_hashes(again.parent)
+    assert len(first) > 7 * 20 and first == second
+    other = tree_hashes(generate_builtin(tmp_path / "other", seed=1, **SIZES).parent)
+    changed = [k for k in first if k.endswith("train.json") and first[k] != other.get(k)]
+    assert sorted(changed) == sorted(f"{t}/train.json" for t in ORDER)  # another seed, other data
+
+
+def test_second_call_returns_early_and_new_params_regenerate(tmp_path):
+    out = tmp_path / "b"
+    path = generate_builtin(out, **SIZES)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert generate_builtin(out, **SIZES) == path
+    assert time.perf_counter() - start < 0.2
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    generate_builtin(out, n_train=12, n_test=10, n_pretrain=40)
+    assert json.loads((out / "manifest.json").read_text())["params"]["n_train"] == 12
+    assert len(json.loads((out / "shape" / "train.json").read_text())) == 12
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary directories left behind
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(BadInputError):
+        generate_builtin(tmp_path / "mine", **SIZES)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(BadInputError):
+        generate_builtin(tmp_path / "x", n_train=0)
