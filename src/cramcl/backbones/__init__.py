@@ -1,0 +1,17 @@
+"""Backbone factory: `tiny` (embedded, offline) or `hf` (a local transformers image-text-to-text model)."""
+from __future__ import annotations
+
+from cramcl.errors import BadInputError
+
+
+def build_backbone(run_cfg, bench, log=print):
+    from cramcl.data.stream import base_corpus
+
+    cfg = run_cfg.backbone
+    if cfg.name == "tiny":
+        from cramcl.backbones.tiny.backbone import TinyBackbone
+
+        texts = [r.question for t in bench.tasks for r in (*t.train, *t.test)]
+        texts += [r.answer for t in bench.tasks for r in t.train]
+        return TinyBackbone(cfg, texts, base_corpus(bench, run_cfg.data), run_cfg.seed, log=log)
+    raise BadInputError(f"backbone.name: unknown backbone '{cfg.name}' (known: tiny)")

@@ -1,0 +1,5 @@
+import sys
+
+from cramcl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""The embedded backbone: word tokenizer + cached EfficientNet tokens + TinyVLM, with its cached base stage."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cramcl.backbones.tiny.base_stage import base_stage_key, load_or_train_base
+from cramcl.backbones.tiny.model import Encoder, TinyVLM
+from cramcl.backbones.tiny.tokenizer import build_word_tokenizer, decode_words, tokenizer_digest
+from cramcl.backbones.tiny.vision import EfficientNetFeatures
+from cramcl.config import BackboneConfig
+from cramcl.data.records import Record
+
+
+class TinyBackbone:
+    def __init__(self, cfg: BackboneConfig, stream_texts: list[str], base_corpus: list[Record], seed: int,
+                 log=print):
+        """``stream_texts``: the stream's questions and its *training* answers (test answers never shape
+        the vocabulary)."""
+        self.cfg = cfg
+        texts = list(stream_texts) + [r.question for r in base_corpus] + [r.answer for r in base_corpus]
+        self.tokenizer = build_word_tokenizer(texts)
+        self.vision = EfficientNetFeatures(cfg.image_size)
+        n_img = (cfg.image_size // 32) ** 2
+        self.encoder = Encoder(self.tokenizer, n_img)
+        torch.manual_seed(seed)
+        self.model = TinyVLM(self.tokenizer.get_vocab_size(), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                             cfg.intermediate_size)
+        self.num_layers = cfg.num_layers
+        self._train_base(base_corpus, seed, log)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # the base is frozen, as a real pretrained MLLM would be
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.lm
+
+    def _train_base(self, corpus: list[Record], seed: int, log) -> None:
+        self.vision.prepare([r.image for r in corpus], desc="image features (base corpus)")
+        corpus_digest = hashlib.sha1("\n".join(
+            f"{self.vision._digest_of[r.image]}\t{r.question}\t{r.answer}" for r in corpus).encode()).hexdigest()
+        key = base_stage_key({
+            "model": [self.cfg.hidden_size, self.cfg.num_layers, self.cfg.num_heads, self.cfg.intermediate_size],
+            "vision": self.vision.identity, "vocab": tokenizer_digest(self.tokenizer), "corpus": corpus_digest,
+            "steps": self.cfg.base_steps, "batch": self.cfg.base_batch_size, "lr": self.cfg.base_lr, "seed": seed,
+            "torch": torch.__version__})
+        self.base_key = key
+        load_or_train_base(self.model, key, lambda idx: self.collate([corpus[i] for i in idx], train=True, tensors_only=True),
+                           len(corpus), steps=self.cfg.base_steps, batch_size=self.cfg.base_batch_size,
+                           lr=self.cfg.base_lr, seed=seed, log=log)
+
+    def prepare(self, records: list[Record], desc: str = "image features") -> None:
+        self.vision.prepare([r.image for r in records], desc=desc)
+
+    def collate(self, records: list[Record], train: bool, tensors_only: bool = False) -> dict:
+        batch = self.encoder.build([r.question for r in records], [r.answer for r in records] if train else None)
+        digests = [self.vision._digest_of[r.image] for r in records]
+        batch["image_feats"] = self.vision.features(digests)
+        if not tensors_only:
+            batch["records"] = records
+        return batch
+
+    def model_inputs(self, batch: dict) -> dict:
+        keys = ("input_ids", "attention_mask", "image_feats", "image_mask", "labels")
+        return {k: batch[k] for k in keys if k in batch}
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, batch: dict, on_step=None) -> list[str]:
+        inputs = self.model_inputs(batch)
+        inputs.pop("labels", None)
+        ids = model.greedy_generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, eos_id=self.encoder.eos_id)
+        return [decode_words(self.tokenizer, row.tolist()) for row in ids]
+
+    def pooled_image_features(self, records: list[Record]) -> Tensor:
+        feats = self.vision.features([self.vision._digest_of[r.image] for r in records])  # (B, n, 1280)
+        return feats.mean(dim=1)
+
+    def describe(self) -> dict:
+        return {"backbone": "tiny", "vision": self.vision.identity, "vocab_size": self.tokenizer.get_vocab_size(),
+                "lm_params": sum(p.numel() for p in self.model.lm.parameters()),
+                "projector_params": sum(p.numel() for p in self.model.projector.parameters()),
+                "base_stage": self.base_key}

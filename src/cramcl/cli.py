@@ -1,0 +1,167 @@
+"""The command line (thin: parse, resolve the config, call the library). Exit: 0 ok, 2 bad input, 1 internal."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from cramcl.errors import BadInputError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cramcl", description="Multimodal continual instruction tuning: CRAM and "
+                                "the field's other methods on one stream.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def run_args(sp, methods_flag: bool):
+        sp.add_argument("--config", help="a YAML file of settings (see configs/)")
+        sp.add_argument("--benchmark", help="a benchmark YAML (default: the built-in stream)")
+        if methods_flag:
+            sp.add_argument("--methods", required=True, help="comma-separated method names")
+        else:
+            sp.add_argument("--method", help="method name (default: cram)")
+        sp.add_argument("--profile", choices=["quick", "default"], help="quick: ~1 min smoke run; default: the demo")
+        sp.add_argument("--out", help="run directory (default: runs/<method>-<profile>)")
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 method.rank=8")
+
+    r = sub.add_parser("run", help="train a method on a stream, evaluating after every task")
+    run_args(r, methods_flag=False)
+    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+
+    c = sub.add_parser("compare", help="several methods on the same stream, seed and budget")
+    run_args(c, methods_flag=True)
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint (no task id is given to the method)")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--after-task", type=int, help="checkpoint index (default: the last finished task)")
+    e.add_argument("--tasks", nargs="*", help="task names (default: every task)")
+
+    m = sub.add_parser("metrics", help="print the continual metrics of a matrix.json")
+    m.add_argument("matrix", help="DIR/results/matrix.json")
+    m.add_argument("--format", choices=["md", "json", "csv"], default="md")
+
+    v = sub.add_parser("validate", help="check every record and image of a benchmark")
+    v.add_argument("--benchmark", required=True)
+
+    i = sub.add_parser("inspect", help="adapted modules, parameter counts and routing state")
+    i.add_argument("--config", help="a YAML file of settings (without --run: the model it would build)")
+    i.add_argument("--run", help="a run directory (its last checkpoint)")
+    i.add_argument("--record", help="show how this test record id is routed (with --run)")
+    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    return p
+
+
+def _cmd_run(args) -> int:
+    from cramcl.config import resolve_config
+    from cramcl.engine.runner import run_stream
+
+    if args.resume:
+        if not args.out:
+            raise BadInputError("--resume needs --out DIR (the run to continue)")
+        cfg = None
+    else:
+        cfg = resolve_config(method=args.method, profile=args.profile, config_file=args.config,
+                             benchmark=args.benchmark, overrides=args.overrides)
+    out = Path(args.out or f"runs/{cfg.method}-{cfg.profile}")
+    matrix = run_stream(cfg, out, resume=args.resume)
+    print(f"done: {out}/report.md")
+    from cramcl.eval.metrics import continual_metrics
+
+    print(json.dumps({k: (round(v, 2) if v == v else None) for k, v in continual_metrics(matrix["scores"]).items()}))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from cramcl.engine.compare import run_compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out or "runs/compare")
+    run_compare(methods, out, profile=args.profile, config_file=args.config, benchmark=args.benchmark,
+                overrides=args.overrides)
+    print(f"done: {out}/compare.md")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from cramcl.engine.runner import evaluate_tasks
+    from cramcl.engine.session import open_finished_run
+
+    session, after, _ = open_finished_run(Path(args.run), args.after_task)
+    tasks = list(session.bench.tasks)
+    if args.tasks:
+        unknown = [t for t in args.tasks if t not in [x.name for x in tasks]]
+        if unknown:
+            raise BadInputError([f"--tasks: unknown task '{t}'" for t in unknown])
+        tasks = [t for t in tasks if t.name in args.tasks]
+    scores = evaluate_tasks(session, tasks, Path(args.run) / "results" / "eval" / f"after_{after}")
+    for name, score in scores.items():
+        print(f"{name}\t{score:.2f}")
+    return 0
+
+
+def _cmd_metrics(args) -> int:
+    from cramcl.eval.metrics import continual_metrics, json_safe
+    from cramcl.report.report import format_metrics
+
+    path = Path(args.matrix)
+    try:
+        matrix = json.loads(path.read_text())
+        scores = matrix["scores"]
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise BadInputError(f"{path}: not a matrix.json ({type(e).__name__}: {e})") from None
+    metrics = json_safe(continual_metrics(scores))
+    full = path.parent / "metrics.json"
+    if full.exists():  # keep parameter counts and times when they are there
+        metrics = {**json.loads(full.read_text()), **metrics}
+    print(format_metrics(metrics, args.format))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from cramcl.data.validate import validate_benchmark
+
+    bench, problems = validate_benchmark(args.benchmark)
+    if problems:
+        raise BadInputError(problems)
+    n = sum(len(t.train) + len(t.test) for t in bench.tasks)
+    print(f"{args.benchmark}: ok ({len(bench.tasks)} tasks, {n} records, every image readable)")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from cramcl.engine.inspect import inspect_config, inspect_run
+
+    if args.run:
+        print(inspect_run(Path(args.run), record_id=args.record))
+    else:
+        print(inspect_config(args.config, args.overrides))
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "eval": _cmd_eval, "metrics": _cmd_metrics,
+            "validate": _cmd_validate, "inspect": _cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BadInputError as e:
+        for problem in e.problems:
+            print(f"cramcl: error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cramcl: interrupted; continue with `cramcl run --resume --out DIR`", file=sys.stderr)
+        return 130
+    except Exception:  # an internal error: say so, with the traceback for the bug report
+        traceback.print_exc()
+        print("cramcl: internal error (exit 1); please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

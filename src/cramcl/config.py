@@ -1,0 +1,268 @@
+"""Typed run configuration: dataclasses, YAML layers and ``KEY=VALUE`` overrides.
+
+Resolution order (later wins): dataclass defaults -> ``configs/methods/<method>.yaml`` (the paper's values)
+-> ``configs/profiles/<profile>.yaml`` (sizes for this machine, plus per-method adjustments under
+``method_overrides``) -> ``--config FILE`` -> ``KEY=VALUE`` overrides. Unknown keys are errors that name the
+nearest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cramcl.errors import BadInputError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PROFILES = ("quick", "default")
+
+
+@dataclass
+class DataConfig:
+    benchmark: str | None = None  # a benchmark YAML; None = the built-in stream
+    builtin_n_train: int = 800  # records per task in the generated built-in stream
+    builtin_n_test: int = 200
+    builtin_seed: int = 0
+    tasks: list[str] | None = None  # a subset of task names, in stream order
+    max_train_per_task: int | None = None
+    max_test_per_task: int | None = None
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "tiny"  # tiny (embedded) | hf (issue: real models)
+    image_size: int = 96  # EfficientNet-Lite0 gives 3x3 feature tokens at 96 px
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    base_steps: int = 300  # the base stage that makes the frozen "pretrained" MLLM
+    base_batch_size: int = 64
+    base_lr: float = 2.0e-3
+    max_new_tokens: int = 12
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    steps_per_task: int = 100  # optimizer steps per task (the budget every method shares)
+    batch_size: int = 32  # per device
+    grad_accum: int = 1
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"  # cosine | constant
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
+    eval_batch_size: int = 128
+    log_every: int = 10
+
+
+@dataclass
+class RunConfig:
+    method: str = "cram"
+    profile: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method_args: dict[str, Any] = field(default_factory=dict)  # validated against the method's own dataclass
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- generic dataclass <-> dict with checks
+def _nearest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a type annotation, converting ints to floats where a float is wanted."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except BadInputError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            if isinstance(value, str):  # KEY=a,b,c on the command line
+                value = [v for v in value.split(",") if v]
+            else:
+                raise BadInputError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BadInputError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise BadInputError(f"{where}: expected true/false, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise BadInputError(f"{where}: expected a number, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise BadInputError(f"{where}: expected an integer, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise BadInputError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def update_dataclass(obj: Any, values: dict, where: str) -> None:
+    """Set fields of ``obj`` from ``values`` (nested dataclasses recurse); unknown keys are errors."""
+    hints = typing.get_type_hints(type(obj))
+    valid = [f.name for f in dataclasses.fields(obj)]
+    problems = []
+    for key, value in values.items():
+        if key not in valid:
+            problems.append(f"{where}: unknown key '{key}'{_nearest(key, valid)}")
+            continue
+        current = getattr(obj, key)
+        try:
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise BadInputError(f"{where}.{key}: expected a mapping, got {value!r}")
+                update_dataclass(current, value, f"{where}.{key}")
+            else:
+                setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+        except BadInputError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise BadInputError(problems)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise BadInputError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["train.lr=3e-4", "method.rank=8"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise BadInputError(f"command line: '{pair}' is not KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config(*, method: str | None = None, profile: str | None = None, config_file: str | None = None,
+                   benchmark: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Build the fully resolved config from every layer (see the module docstring)."""
+    from cramcl.methods.registry import method_config_class
+
+    user = _read_yaml(Path(config_file)) if config_file else {}
+    cli = parse_overrides(list(overrides))
+    # the method and profile may come from any layer; the command line's flags win
+    method = method or cli.get("method") or user.get("method") or "cram"
+    profile = profile or cli.get("profile") or user.get("profile") or "default"
+    if profile not in PROFILES:
+        raise BadInputError(f"--profile: unknown profile '{profile}'{_nearest(profile, list(PROFILES))}")
+    cfg_cls = method_config_class(method)  # raises BadInputError for an unknown method
+
+    layers: list[tuple[str, dict]] = []
+    method_yaml = CONFIG_DIR / "methods" / f"{method}.yaml"
+    if method_yaml.exists():
+        layers.append((str(method_yaml), {"method": _read_yaml(method_yaml)}))
+    prof = _read_yaml(CONFIG_DIR / "profiles" / f"{profile}.yaml")
+    method_overrides = prof.pop("method_overrides", {}) or {}
+    layers.append((f"profile {profile}", prof))
+    if method in method_overrides:
+        layers.append((f"profile {profile}", {"method": method_overrides[method]}))
+    if user:
+        layers.append((str(config_file), user))
+    if cli:
+        layers.append(("command line", cli))
+
+    cfg = RunConfig(method=method, profile=profile)
+    method_cfg = cfg_cls()
+    problems = []
+    for where, layer in layers:
+        layer = dict(layer)
+        layer.pop("profile", None)
+        layer.pop("method_overrides", None)
+        method_values = layer.pop("method", None)
+        if isinstance(method_values, str):
+            method_values = None  # `method: cram` names the method; already taken above
+        try:
+            update_dataclass(cfg, layer, where)
+        except BadInputError as e:
+            problems.extend(e.problems)
+        if method_values:
+            try:
+                update_dataclass(method_cfg, method_values, f"{where}: method")
+            except BadInputError as e:
+                problems.extend(e.problems)
+    if problems:
+        raise BadInputError(problems)
+    cfg.method = method
+    if benchmark:
+        cfg.data.benchmark = str(Path(benchmark).resolve())
+    cfg.method_args = dataclasses.asdict(method_cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a RunConfig from a saved ``config.yaml`` (used by ``--resume`` and ``cramcl eval``)."""
+    from cramcl.methods.registry import method_config_class
+
+    data = dict(data)
+    method_args = data.pop("method_args", {}) or {}
+    cfg = RunConfig()
+    update_dataclass(cfg, data, "config.yaml")
+    method_cfg = method_config_class(cfg.method)()
+    update_dataclass(method_cfg, method_args, "config.yaml: method_args")
+    cfg.method_args = dataclasses.asdict(method_cfg)
+    return cfg

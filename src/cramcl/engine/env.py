@@ -1,0 +1,58 @@
+"""The Accelerator of a run and the environment record (env.json)."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+# No network at run time: a wrong model path fails fast instead of hanging on a hub request.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def make_accelerator(cfg, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        # the sampler yields *global* batches; each process takes its slice, so the sequence of optimizer
+        # steps is the same for any number of processes at the same global batch size
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def environment_record(cfg, accelerator, backbone, bench) -> dict:
+    import accelerate
+    import peft
+    import safetensors
+    import tokenizers
+    import torch
+    import transformers
+
+    import cramcl
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("cramcl", config={"method": cfg.method, "profile": cfg.profile, "seed": cfg.seed})
+    return {
+        "cramcl": cramcl.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "accelerate": accelerate.__version__, "peft": peft.__version__,
+                     "safetensors": safetensors.__version__, "tokenizers": tokenizers.__version__},
+        "device": str(accelerator.device),
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "world_size": accelerator.num_processes,
+        "per_device_batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "global_batch_size": cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum,
+        "mixed_precision": cfg.train.mixed_precision,
+        "torch_threads": torch.get_num_threads(),
+        "benchmark": {"name": bench.name, "path": str(bench.path), "tasks": bench.task_names()},
+        "backbone": backbone.describe(),
+    }

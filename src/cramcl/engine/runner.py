@@ -1,0 +1,121 @@
+"""The continual runner: for each task, train -> checkpoint -> evaluate every task seen so far -> results.
+
+It knows nothing of any one method (only the lifecycle in ``cramcl.methods.base``). ``resume=True`` reloads
+the resolved config and the last finished task's checkpoint and continues with the next task; since every
+task reseeds from (seed, task) and evaluation is greedy, the final matrix equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from cramcl.config import RunConfig, config_from_dict
+from cramcl.engine.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic, write_yaml_atomic
+from cramcl.engine.env import environment_record
+from cramcl.errors import BadInputError
+
+
+def _task_seed(seed: int, task_index: int) -> int:
+    return seed * 1000 + task_index
+
+
+def prepare_run_dir(cfg: RunConfig | None, out: Path, resume: bool) -> RunConfig:
+    """Check ``out`` (never overwrite a run without --resume) and return the config to run."""
+    saved = out / "config.yaml"
+    if resume:
+        if not saved.exists():
+            raise BadInputError(f"{saved}: not found; --resume needs the directory of an earlier run")
+        return config_from_dict(yaml.safe_load(saved.read_text()))
+    if saved.exists() or (out / "results").exists() or (out / "checkpoints").exists():
+        raise BadInputError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+    return cfg
+
+
+def evaluate_tasks(session, tasks, pred_dir: Path) -> dict[str, float]:
+    """Score the session's method on each task's test records (no task id), writing predictions."""
+    from cramcl.eval.evaluate import predict, score_records, write_jsonl_atomic
+
+    scores = {}
+    stream = session.bench.task_names()
+    for task in tasks:
+        preds = predict(session.accelerator, session.backbone, session.method, list(task.test),
+                        session.cfg.train.eval_batch_size, desc=f"eval {task.name}",
+                        task_index=stream.index(task.name))
+        score, rows = score_records(task.scorer, list(task.test), preds)
+        scores[task.name] = round(float(score), 4)
+        if session.accelerator.is_main_process:
+            write_jsonl_atomic(pred_dir / f"{task.name}.jsonl", rows)
+    return scores
+
+
+def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, stop_after_task: int | None = None) -> dict:
+    """Run the whole stream; returns the final ``matrix.json`` dict. ``stop_after_task`` (tests) simulates an
+    interruption right after that task's checkpoint."""
+    from cramcl.engine.results import write_results
+    from cramcl.engine.session import open_session
+    from cramcl.engine.trainer import train_task
+
+    out = Path(out)
+    cfg = prepare_run_dir(cfg, out, resume)
+    session = open_session(cfg, out, log=log)
+    bench, accelerator, backbone, method = session.bench, session.accelerator, session.backbone, session.method
+    tasks = list(bench.tasks)
+    names = [t.name for t in tasks]
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml_atomic(out / "config.yaml", cfg.to_dict())
+        write_json_atomic(out / "env.json", environment_record(cfg, accelerator, backbone, bench))
+
+    state = {"tasks": names, "scores": [[None] * len(tasks) for _ in tasks], "time_train": [None] * len(tasks),
+             "time_eval": [None] * len(tasks), "trainable_per_task": [None] * len(tasks), "global_step": 0,
+             "scorers": {t.name: t.scorer for t in tasks}}
+    start = 0
+    ckpt = last_checkpoint(out) if resume else None
+    if ckpt is not None:
+        tensors, meta, state = load_checkpoint(ckpt)
+        if state["tasks"] != names:
+            raise BadInputError(f"{ckpt}: checkpoint was made for tasks {state['tasks']}, the stream has {names}")
+        method.load_state(tensors, meta)
+        backbone.model.to(accelerator.device)
+        start = int(ckpt.name.split("_")[1]) + 1
+        log(f"resuming after task {start - 1} ({names[start - 1]}) from {ckpt}")
+
+    all_test = [r for t in tasks for r in t.test]
+    backbone.prepare(all_test, desc="image features (test)")
+    for t in range(start, len(tasks)):
+        task = tasks[t]
+        log(f"[{t + 1}/{len(tasks)}] {cfg.method}: training on '{task.name}' ({len(task.train)} records)")
+        torch.manual_seed(_task_seed(cfg.seed, t))  # fresh experts, dropout: identical on resume
+        backbone.prepare(list(task.train), desc=f"image features ({task.name})")
+        method.before_task(t, task)
+        result = train_task(accelerator, backbone, method, list(task.train), cfg.train, t,
+                            seed=_task_seed(cfg.seed, t), global_step=state["global_step"])
+        method.after_task(t)
+        state["global_step"] += result.steps
+        state["time_train"][t] = result.seconds
+        state["trainable_per_task"][t] = result.trained_params
+
+        t_eval = time.perf_counter()
+        scores = evaluate_tasks(session, tasks[: t + 1], out / "results" / "predictions" / f"after_{t}")
+        for i in range(t + 1):
+            state["scores"][t][i] = scores[names[i]]
+        state["time_eval"][t] = time.perf_counter() - t_eval
+        row = ", ".join(f"{names[i]} {state['scores'][t][i]:.1f}" for i in range(t + 1))
+        log(f"    after '{task.name}': {row}  (train {result.seconds:.1f}s, eval {state['time_eval'][t]:.1f}s)")
+
+        if accelerator.is_main_process:
+            tensors, meta = method.state()
+            save_checkpoint(out, t, tensors, meta, state)
+            write_results(out, cfg, method, state, partial=t + 1 < len(tasks), seen_tasks=tasks[: t + 1])
+        accelerator.wait_for_everyone()
+        if stop_after_task is not None and t == stop_after_task:
+            accelerator.end_training()
+            return {"method": cfg.method, "tasks": names, "scores": state["scores"], "scorers": state["scorers"]}
+
+    if start >= len(tasks) and accelerator.is_main_process:
+        write_results(out, cfg, method, state, partial=False, seen_tasks=tasks)  # a resume of a finished run: refresh outputs
+    accelerator.end_training()
+    return {"method": cfg.method, "tasks": names, "scores": state["scores"], "scorers": state["scorers"]}

@@ -1,0 +1,57 @@
+"""Everything a run needs in memory (stream, accelerator, backbone, method), built one way for
+``cramcl run``, ``cramcl eval`` and ``cramcl inspect``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from cramcl.config import RunConfig, config_from_dict
+from cramcl.engine.checkpoint import last_checkpoint, load_checkpoint
+from cramcl.errors import BadInputError
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    bench: object
+    accelerator: object
+    backbone: object
+    method: object
+
+
+def open_session(cfg: RunConfig, out: Path, log=print) -> Session:
+    from cramcl.backbones import build_backbone
+    from cramcl.data.stream import load_stream
+    from cramcl.engine.env import make_accelerator
+    from cramcl.methods.base import Services
+    from cramcl.methods.registry import build_method
+
+    bench = load_stream(cfg.data)
+    accelerator = make_accelerator(cfg, out)
+    torch.manual_seed(cfg.seed)
+    with accelerator.main_process_first():  # one process trains/caches the base stage, the others load it
+        backbone = build_backbone(cfg, bench, log=log)
+    method = build_method(cfg.method, cfg.method_args)
+    method.setup(Services(backbone=backbone, run_config=cfg, log=log))
+    backbone.model.to(accelerator.device)
+    return Session(cfg, bench, accelerator, backbone, method)
+
+
+def open_finished_run(run_dir: Path, after_task: int | None = None, log=print) -> tuple[Session, int, dict]:
+    """A session with the method state of ``checkpoints/task_<after_task>`` (default: the last one)."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise BadInputError(f"{saved}: not found; --run must be the directory of a cramcl run")
+    cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+    ckpt = last_checkpoint(run_dir) if after_task is None else run_dir / "checkpoints" / f"task_{after_task}"
+    if ckpt is None or not ckpt.is_dir():
+        raise BadInputError(f"{run_dir}: no checkpoint for task {after_task if after_task is not None else '(any)'}")
+    session = open_session(cfg, run_dir, log=log)
+    tensors, meta, state = load_checkpoint(ckpt)
+    session.method.load_state(tensors, meta)
+    session.backbone.model.to(session.accelerator.device)
+    return session, int(ckpt.name.split("_")[1]), state

@@ -1,0 +1,62 @@
+"""Evaluate a method on test records: batched greedy generation, scoring, per-record predictions.
+
+The evaluation path never receives a task id: the method routes each batch from its inputs alone
+(``prepare_batch(batch, train=False)``). Records are sharded across processes and gathered back; the
+gathered count is asserted so no record is dropped or duplicated.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+from tqdm import tqdm
+
+from cramcl.eval.scorers import score_task
+
+
+@torch.no_grad()
+def predict(accelerator, backbone, method, records, batch_size: int, desc: str = "eval",
+            task_index: int | None = None) -> list[str]:
+    """Predictions for ``records`` in their order (sharded over processes, gathered, count checked).
+
+    ``task_index`` reaches the method only if it declares ``uses_task_id_at_eval`` (oracle bounds)."""
+    model = accelerator.unwrap_model(backbone.model)
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(records), world))
+    local = []
+    starts = range(0, len(mine), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        idx = mine[start:start + batch_size]
+        batch = backbone.collate([records[i] for i in idx], train=False)
+        batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if method.uses_task_id_at_eval:
+            batch["task_index"] = task_index
+        method.prepare_batch(batch, train=False)
+        local.extend(zip(idx, backbone.generate(model, batch)))
+    gathered = gather_object(local) if world > 1 else local
+    by_index = dict(gathered)
+    if len(by_index) != len(records) or len(gathered) != len(records):
+        raise RuntimeError(f"evaluation gathered {len(gathered)} predictions for {len(records)} records")
+    return [by_index[i] for i in range(len(records))]
+
+
+def score_records(scorer: str, records, predictions: list[str]) -> tuple[float, list[dict]]:
+    """Task score (0-100) and one row per record (id, prediction, reference, score)."""
+    refs = [list(r.answers) if getattr(r, "answers", ()) else r.answer for r in records]
+    score, per_record = score_task(scorer, predictions, refs)
+    rows = [{"id": r.id, "prediction": p, "reference": r.answer, "score": s}
+            for r, p, s in zip(records, predictions, per_record)]
+    return score, rows
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,27 @@
+"""`lora-ft`: one LoRA trained task after task (the lower bound: it forgets)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cramcl.methods.base import Method, Services
+
+
+@dataclass
+class LoraFTConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+
+class LoraFT(Method):
+    name = "lora-ft"
+
+    def setup(self, services: Services) -> None:
+        super().setup(services)
+        for layer in self.layers.values():
+            layer.add_expert(self.cfg.rank, alpha=self.cfg.alpha)
+
+    def param_counts(self) -> dict[str, int]:
+        counts = super().param_counts()
+        counts["trainable"] = counts["stored"]  # the same LoRA trains on every task
+        return counts
