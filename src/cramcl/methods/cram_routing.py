@@ -1,0 +1,61 @@
+"""CRAM's routing state: instruction groups (level 1), per-(layer, expert) centroids (level 2), and the
+per-sample expert weights every adapted layer reads.
+
+Expert k lives in every adapted module at index k (one expert per task, appended in task order); it belongs
+to group ``expert_group[k]``. For a batch, ``layer_weights`` is (L, B, K): at layer l, sample b's weights
+over *all* K experts, zero outside the sample's group, an RBF softmax over the group's experts inside it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cramcl.routing.centroid import batch_mean_routing_weights, rbf_routing_weights, uniform_routing_weights
+
+
+class CentroidBank(nn.Module):
+    """One learnable (L, D) centroid tensor per expert: centroid of expert k at layer l = ``bank[k][l]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.centroids = nn.ParameterList()
+
+    def add(self, init: Tensor, num_layers: int) -> int:
+        """init: (D,) -> a new expert's centroids at every layer, all starting at ``init``."""
+        self.centroids.append(nn.Parameter(init.detach().float().unsqueeze(0).repeat(num_layers, 1).clone()))
+        return len(self.centroids) - 1
+
+    def stacked(self, experts: list[int]) -> Tensor:
+        """(L, len(experts), D)"""
+        return torch.stack([self.centroids[k] for k in experts], dim=1)
+
+
+def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, oracle: Tensor | None = None) -> Tensor:
+    """Routing weights over one group's experts at every layer.
+
+    q: (B, D) image embeddings; centroids: (L, K_g, D) -> (L, B, K_g). ``mode``: per_sample | batch_mean |
+    uniform | oracle (``oracle``: (B,) position of each sample's own expert within the group).
+    """
+    L, K, _ = centroids.shape
+    B = q.shape[0]
+    if mode == "uniform":
+        return uniform_routing_weights(B, K, device=q.device).unsqueeze(0).expand(L, B, K)
+    if mode == "oracle":
+        one_hot = torch.nn.functional.one_hot(oracle, K).float()
+        return one_hot.unsqueeze(0).expand(L, B, K)
+    fn = batch_mean_routing_weights if mode == "batch_mean" else rbf_routing_weights
+    return torch.stack([fn(q, centroids[l], sigma) for l in range(L)])
+
+
+def scatter_group_weights(per_group: dict[int, tuple[Tensor, Tensor, list[int]]], B: int, K: int, L: int) -> Tensor:
+    """Assemble (L, B, K) full weights from {group: (sample indices (B_g,), weights (L, B_g, K_g), experts)}."""
+    first = next(iter(per_group.values()))[1] if per_group else None
+    out = torch.zeros(L, B, K, dtype=first.dtype if first is not None else torch.float32,
+                      device=first.device if first is not None else None)
+    for rows, weights, experts in per_group.values():
+        cols = torch.tensor(experts, device=out.device)
+        block = torch.zeros(L, rows.numel(), K, dtype=out.dtype, device=out.device)
+        block[:, :, cols] = weights
+        out = out.index_put((torch.arange(L, device=out.device)[:, None], rows[None, :].to(out.device)),
+                            block, accumulate=True)
+    return out

@@ -1,0 +1,84 @@
+"""CRAM's saved state (groups, prototypes, centroids, expert bookkeeping) and its human-readable views."""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import Tensor
+
+
+def save_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> tuple[dict[str, Tensor], dict]:
+    groups = method.groups.state_dict()
+    for k, v in groups.items():
+        if torch.is_tensor(v):
+            tensors[f"cram.groups.{k}"] = v.detach().cpu().contiguous()
+    for k, c in enumerate(method.centroids.centroids):
+        tensors[f"cram.centroids.{k}"] = c.detach().cpu().contiguous()
+    meta["cram"] = {"groups": {k: v for k, v in groups.items() if not torch.is_tensor(v)},
+                    "expert_group": method.expert_group, "expert_task": method.expert_task,
+                    "task_group": method.task_group, "consolidation": method.consolidation_log}
+    return tensors, meta
+
+
+def load_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> None:
+    info = meta["cram"]
+    groups = dict(info["groups"])
+    groups.update({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith("cram.groups.")})
+    method.groups.load_state_dict(groups)
+    del method.centroids.centroids[:]
+    for k in range(len(info["expert_group"])):
+        c = tensors[f"cram.centroids.{k}"]
+        method.centroids.centroids.append(torch.nn.Parameter(c.clone().to(method.device), requires_grad=False))
+    method.expert_group = list(info["expert_group"])
+    method.expert_task = list(info["expert_task"])
+    method.task_group = list(info["task_group"])
+    method.consolidation_log = list(info["consolidation"])
+
+
+def rank_summary(method) -> list[dict]:
+    """Per expert: task, group, total rank and min/median/max rank over modules."""
+    rows = []
+    for k, (g, t) in enumerate(zip(method.expert_group, method.expert_task)):
+        ranks = sorted(layer.ranks[k] for layer in method.layers.values())
+        rows.append({"expert": k, "task": method.task_names[t] if t < len(method.task_names) else t, "group": g,
+                     "rank_min": ranks[0], "rank_median": ranks[len(ranks) // 2], "rank_max": ranks[-1],
+                     "params": sum(l.experts_A[k].numel() + l.experts_B[k].numel() for l in method.layers.values())})
+    return rows
+
+
+def report_sections(method) -> list[tuple[str, str]]:
+    if not method.expert_group:
+        return []
+    lines = ["| expert | task | group | rank min / median / max over modules | parameters |", "|---|---|---|---|---|"]
+    for r in rank_summary(method):
+        lines.append(f"| {r['expert']} | {r['task']} | {r['group']} | {r['rank_min']} / {r['rank_median']} / "
+                     f"{r['rank_max']} | {r['params']:,} |")
+    groups = Counter(method.expert_group)
+    intro = (f"{method.groups.num_groups} instruction group(s); experts per group: "
+             + ", ".join(f"group {g}: {n}" for g, n in sorted(groups.items()))
+             + f". Routing: {method.cfg.routing}, sigma {method.cfg.sigma}.")
+    sections = [("CRAM: groups, experts and ranks", intro + "\n\n" + "\n".join(lines))]
+    if getattr(method, "group_accuracy", None):
+        acc = ["| task | group accuracy (%) |", "|---|---|"]
+        acc += [f"| {t} | {a:.1f} |" for t, a in method.group_accuracy.items()]
+        sections.append(("CRAM: level-1 routing accuracy on test records (no task id)", "\n".join(acc)))
+    return sections
+
+
+@torch.no_grad()
+def describe_routing(method, batch: dict) -> str:
+    records = batch["records"]
+    groups = method.assign_groups(records)
+    t = method.encoders.text_embeddings(records)
+    from cramcl.routing.groups import cosine_to_prototypes
+
+    cos = cosine_to_prototypes(t, method.groups.prototypes)[0]
+    weights = method.routing_weights(records, groups)[:, 0]  # (L, K)
+    lines = [f"record {records[0].id}: question '{records[0].question}'",
+             "cosine to group prototypes: " + ", ".join(f"g{g} {c:.3f}" for g, c in enumerate(cos.tolist())),
+             f"-> group {int(groups[0])}; experts of the group and their weight per layer:"]
+    experts = method._group_experts(int(groups[0]))
+    for k in experts:
+        task = method.task_names[method.expert_task[k]]
+        lines.append(f"  expert {k} ({task}): " + " ".join(f"L{l}={weights[l, k]:.3f}" for l in range(weights.shape[0])))
+    return "\n".join(lines)
