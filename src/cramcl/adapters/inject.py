@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from cramcl.adapters.multi_lora import MultiLoRALinear, RoutingContext
 
-_TARGET_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|attention|attn)\.([A-Za-z_]+)$")
+_TARGET_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|attention|attn|mlp|feed_forward)\.([A-Za-z_]+)$")
 _SKIP = ("vision", "visual", "image_encoder", "multi_modal_projector", "mm_projector", "connector")
 
 

@@ -91,7 +91,10 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         torch.manual_seed(_task_seed(cfg.seed, t))  # fresh experts, dropout: identical on resume
         backbone.prepare(list(task.train), desc=f"image features ({task.name})")
         method.before_task(t, task)
-        result = train_task(accelerator, backbone, method, list(task.train), cfg.train, t,
+        records = method.training_records(t, task, tasks)
+        if len(records) != len(task.train):
+            backbone.prepare(records, desc="image features (training records)")
+        result = train_task(accelerator, backbone, method, records, cfg.train, t,
                             seed=_task_seed(cfg.seed, t), global_step=state["global_step"])
         method.after_task(t)
         state["global_step"] += result.steps

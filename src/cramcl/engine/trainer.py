@@ -85,8 +85,8 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
 
     ``seed`` fixes the data order; the caller seeds torch before the task (dropout, fresh experts)."""
     t0 = time.perf_counter()
-    total = cfg.steps_per_task
-    phases = method.phases(task_index, total)
+    phases = method.phases(task_index, cfg.steps_per_task)
+    total = sum(p.steps for p in phases)  # usually steps_per_task; a method may take another budget (mtl)
     if not phases or total == 0:
         return TaskTrainResult(0, 0.0, None)
     world = accelerator.num_processes
@@ -100,7 +100,8 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
         if not params:
             raise RuntimeError(f"{method.name}: phase '{phase.name}' has nothing to train")
         trained.update({id(p): p.numel() for p in params})
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        base_lr = phase.lr if phase.lr is not None else cfg.lr
+        opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
         phase_batches = all_batches[done * cfg.grad_accum:(done + phase.steps) * cfg.grad_accum]
         loader = DataLoader(_Records(records), batch_sampler=FixedBatches(phase_batches, micro_global),
                             collate_fn=lambda recs: backbone.collate(recs, train=True))
@@ -116,7 +117,7 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
                     if cfg.grad_clip > 0:
                         accelerator.clip_grad_norm_(params, cfg.grad_clip)
                     for group in opt.param_groups:
-                        group["lr"] = cfg.lr * lr_factor(done, total, cfg.warmup_ratio, cfg.scheduler)
+                        group["lr"] = base_lr * lr_factor(done, total, cfg.warmup_ratio, cfg.scheduler)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:

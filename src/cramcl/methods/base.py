@@ -2,6 +2,7 @@
 
     setup(services)                       once: inject adapters, build routers
     before_task(t, task)                  a task starts (its training records are known; no test data)
+    training_records(t, task, stream)     what the task trains on (default: the task's own records)
     phases(t, steps) -> [Phase]           how the task's optimizer steps split (e.g. warm-up / stable)
     begin_phase(phase) / end_phase(phase) change the trainable set (the trainer re-prepares the optimizer)
     trainable_parameters()                what the optimizer sees in the current phase
@@ -27,6 +28,7 @@ from cramcl.adapters.multi_lora import MultiLoRALinear, RoutingContext
 class Phase:
     name: str
     steps: int
+    lr: float | None = None  # None: the run's lr (train.lr) on the task's schedule
 
 
 @dataclass
@@ -60,6 +62,10 @@ class Method:
     def before_task(self, task_index: int, task) -> None:
         self.current_task = task_index
         self.task_names.append(task.name)
+
+    def training_records(self, task_index: int, task, stream: list) -> list:
+        """The records of this task's optimizer steps (replay mixes a buffer in; multi-task sees all)."""
+        return list(task.train)
 
     def phases(self, task_index: int, total_steps: int) -> list[Phase]:
         return [Phase("train", total_steps)]
