@@ -116,7 +116,10 @@ def _cmd_metrics(args) -> int:
     metrics = json_safe(continual_metrics(scores))
     full = path.parent / "metrics.json"
     if full.exists():  # keep parameter counts and times when they are there
-        metrics = {**json.loads(full.read_text()), **metrics}
+        try:
+            metrics = {**json.loads(full.read_text()), **metrics}
+        except json.JSONDecodeError as e:
+            raise BadInputError(f"{full}: invalid JSON ({e})") from None
     print(format_metrics(metrics, args.format))
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,13 +120,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise BadInputError(f"{where}: expected true/false, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            value = float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
-        raise BadInputError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        raise BadInputError(f"{where}: expected a number, got {value!r}" + (" (not finite)" if isinstance(value, float) else ""))
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -173,7 +176,10 @@ def _read_yaml(path: Path) -> dict:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["train.lr=3e-4", "method.rank=8"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["train.lr=3e-4", "method=cram", "method.sigma=0.5"]`` -> nested dict; values parsed as YAML scalars.
+
+    A name and settings may share a key: ``method=cram`` with ``method.sigma=0.5`` gives
+    ``{"method": {"name": "cram", "sigma": 0.5}}``."""
     out: dict = {}
     for pair in pairs:
         if "=" not in pair:
@@ -186,9 +192,34 @@ def parse_overrides(pairs: list[str]) -> dict:
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
+            if part in node and not isinstance(node[part], dict):
+                node[part] = {"name": node[part]}
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        last = parts[-1]
+        if isinstance(node.get(last), dict) and not isinstance(value, dict):
+            node[last]["name"] = value
+        else:
+            node[last] = value
     return out
+
+
+def _split_method(layer: dict, where: str) -> tuple[str | None, dict]:
+    """Take the method name and settings out of a layer: ``method: NAME``, ``method: {name: NAME, k: v}``,
+    ``method: {k: v}`` or ``method_args: {k: v}`` (the form a saved config.yaml uses)."""
+    value = layer.pop("method", None)
+    args = layer.pop("method_args", None) or {}
+    if not isinstance(args, dict):
+        raise BadInputError(f"{where}: method_args must be a mapping")
+    name = None
+    if isinstance(value, dict):
+        value = dict(value)
+        name = value.pop("name", None)
+        args = {**args, **value}
+    elif value is not None:
+        name = value
+    if name is not None and not isinstance(name, str):
+        raise BadInputError(f"{where}: method must be a name, got {name!r}")
+    return name, args
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -205,44 +236,34 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
 
     user = _read_yaml(Path(config_file)) if config_file else {}
     cli = parse_overrides(list(overrides))
+    user_name, user_args = _split_method(user, str(config_file))
+    cli_name, cli_args = _split_method(cli, "command line")
     # the method and profile may come from any layer; the command line's flags win
-    method = method or cli.get("method") or user.get("method") or "cram"
-    profile = profile or cli.get("profile") or user.get("profile") or "default"
-    if profile not in PROFILES:
-        raise BadInputError(f"--profile: unknown profile '{profile}'{_nearest(profile, list(PROFILES))}")
+    method = method or cli_name or user_name or "cram"
+    profile = profile or cli.pop("profile", None) or user.pop("profile", None) or "default"
+    if not isinstance(profile, str) or profile not in PROFILES:
+        raise BadInputError(f"--profile: unknown profile '{profile}'{_nearest(str(profile), list(PROFILES))}")
     cfg_cls = method_config_class(method)  # raises BadInputError for an unknown method
 
-    layers: list[tuple[str, dict]] = []
+    layers: list[tuple[str, dict, dict]] = []  # (where, run settings, method settings)
     method_yaml = CONFIG_DIR / "methods" / f"{method}.yaml"
     if method_yaml.exists():
-        layers.append((str(method_yaml), {"method": _read_yaml(method_yaml)}))
+        layers.append((str(method_yaml), {}, _read_yaml(method_yaml)))
     prof = _read_yaml(CONFIG_DIR / "profiles" / f"{profile}.yaml")
     method_overrides = prof.pop("method_overrides", {}) or {}
-    layers.append((f"profile {profile}", prof))
-    if method in method_overrides:
-        layers.append((f"profile {profile}", {"method": method_overrides[method]}))
-    if user:
-        layers.append((str(config_file), user))
-    if cli:
-        layers.append(("command line", cli))
+    layers.append((f"profile {profile}", prof, method_overrides.get(method) or {}))
+    if config_file:
+        layers.append((str(config_file), user, user_args))
+    layers.append(("command line", cli, cli_args))
 
     cfg = RunConfig(method=method, profile=profile)
     method_cfg = cfg_cls()
     problems = []
-    for where, layer in layers:
-        layer = dict(layer)
-        layer.pop("profile", None)
-        layer.pop("method_overrides", None)
-        method_values = layer.pop("method", None)
-        if isinstance(method_values, str):
-            method_values = None  # `method: cram` names the method; already taken above
-        try:
-            update_dataclass(cfg, layer, where)
-        except BadInputError as e:
-            problems.extend(e.problems)
-        if method_values:
+    for where, run_values, method_values in layers:
+        run_values = {k: v for k, v in run_values.items() if k not in ("profile", "method_overrides")}
+        for target, values, label in ((cfg, run_values, where), (method_cfg, method_values, f"{where}: method")):
             try:
-                update_dataclass(method_cfg, method_values, f"{where}: method")
+                update_dataclass(target, values, label)
             except BadInputError as e:
                 problems.extend(e.problems)
     if problems:

@@ -75,8 +75,8 @@ def load_adapter_state(layers: dict[str, MultiLoRALinear], tensors: dict[str, Te
         raise RuntimeError(f"adapter state does not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
     for key, layer in layers.items():
         info = meta[key]
-        del layer.experts_A[:]
-        del layer.experts_B[:]
+        layer.experts_A = nn.ParameterList()  # ParameterList has no item deletion
+        layer.experts_B = nn.ParameterList()
         layer.expert_scales = []
         layer._col_owner = None
         for k, (rank, scale) in enumerate(zip(info["ranks"], info["scales"])):

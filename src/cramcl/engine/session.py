@@ -34,6 +34,7 @@ def open_session(cfg: RunConfig, out: Path, log=print) -> Session:
     torch.manual_seed(cfg.seed)
     with accelerator.main_process_first():  # one process trains/caches the base stage, the others load it
         backbone = build_backbone(cfg, bench, log=log)
+    torch.manual_seed(cfg.seed)  # the method's fresh weights never depend on whether the base stage was cached
     method = build_method(cfg.method, cfg.method_args)
     method.setup(Services(backbone=backbone, run_config=cfg, log=log))
     backbone.model.to(accelerator.device)

@@ -25,7 +25,7 @@ def load_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> None:
     groups = dict(info["groups"])
     groups.update({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith("cram.groups.")})
     method.groups.load_state_dict(groups)
-    del method.centroids.centroids[:]
+    method.centroids.centroids = torch.nn.ParameterList()
     for k in range(len(info["expert_group"])):
         c = tensors[f"cram.centroids.{k}"]
         method.centroids.centroids.append(torch.nn.Parameter(c.clone().to(method.device), requires_grad=False))

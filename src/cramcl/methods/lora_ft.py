@@ -21,6 +21,11 @@ class LoraFT(Method):
         for layer in self.layers.values():
             layer.add_expert(self.cfg.rank, alpha=self.cfg.alpha)
 
+    def before_task(self, task_index: int, task) -> None:
+        super().before_task(task_index, task)
+        for layer in self.layers.values():  # loaded checkpoints come back frozen; this LoRA keeps training
+            layer.set_expert_trainable(0, True)
+
     def param_counts(self) -> dict[str, int]:
         counts = super().param_counts()
         counts["trainable"] = counts["stored"]  # the same LoRA trains on every task

@@ -32,7 +32,18 @@ def load_or_train_base(model: torch.nn.Module, key: str, make_batch, n_records: 
         model.load_state_dict(load_file(str(path)), strict=True)
         return path
     log(f"base stage: {steps} steps of image captioning (cached afterwards at {path})")
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # leave the caller's random state as a cache hit would
+        torch.manual_seed(seed)
+        _train(model, make_batch, n_records, steps, batch_size, lr, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    # clone: tied embeddings share storage, which safetensors refuses to save twice
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _train(model, make_batch, n_records: int, steps: int, batch_size: int, lr: float, seed: int) -> None:
     rng = random.Random(seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -56,9 +67,3 @@ def load_or_train_base(model: torch.nn.Module, key: str, make_batch, n_records: 
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    # clone: tied embeddings share storage, which safetensors refuses to save twice
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return path

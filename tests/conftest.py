@@ -1,0 +1,63 @@
+"""Shared fixtures: a persistent cache, the quick config and one finished quick run for the whole session.
+
+The cache (built-in stream, image features, base stage) is keyed by content and persists across test
+sessions, so only the first session on a machine pays for it. Runs go in pytest's tmp directories.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("CRAMCL_CACHE", str(Path.home() / ".cache" / "cramcl"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+# A 3-task stream of the built-in benchmark, 6 optimizer steps a task, on the quick profile. Keep the task
+# list fixed across tests: the tiny backbone's vocabulary (and so its cached base stage) depends on it.
+QUICK_TASKS = ("shape", "colour", "digits")
+QUICK_OVERRIDES = (f"data.tasks={','.join(QUICK_TASKS)}", "train.steps_per_task=6")
+
+
+def quick_config(method: str = "lora-ft", extra: tuple[str, ...] | list[str] = ()):
+    """The resolved quick-profile config every end-to-end test uses."""
+    from cramcl.config import resolve_config
+
+    return resolve_config(method=method, profile="quick", overrides=[*QUICK_OVERRIDES, *extra])
+
+
+class LogSink:
+    """A ``log=`` callable for the runner that keeps the lines (tests assert on them)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, *args):
+        self.lines.append(" ".join(str(a) for a in args))
+
+
+@pytest.fixture(scope="session")
+def warm_cache():
+    """Build the quick backbone once so the base stage is cached before any run is timed or compared.
+
+    (Whether the base stage came from the cache must not change a run's results; that property has its
+    own test in test_resume.py. Warming here keeps the other tests about what they test.)
+    """
+    from cramcl.backbones import build_backbone
+    from cramcl.data.stream import load_stream
+
+    cfg = quick_config()
+    build_backbone(cfg, load_stream(cfg.data), log=lambda *a: None)
+    return Path(os.environ["CRAMCL_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, warm_cache) -> Path:
+    """One uninterrupted quick lora-ft run on 3 tasks, shared read-only by every test that needs a run.
+    Tests that would write into a run directory copy it first."""
+    from cramcl.engine.runner import run_stream
+
+    out = tmp_path_factory.mktemp("finished") / "lora-ft-quick"
+    run_stream(quick_config(), out, log=LogSink())
+    return out
