@@ -11,6 +11,14 @@ _METHODS = {
     "cram": "cramcl.methods.cram:Cram:CramConfig",
     "lora-ft": "cramcl.methods.lora_ft:LoraFT:LoraFTConfig",
     "zero-shot": "cramcl.methods.zero_shot:ZeroShot:ZeroShotConfig",
+    "same": "cramcl.methods.same:Same:SameConfig",
+    "routing-cl": "cramcl.methods.routing_cl:RoutingCL:RoutingCLConfig",
+    "olora": "cramcl.methods.olora:OLora:OLoraConfig",
+    "moelora": "cramcl.methods.moelora:MoELora:MoELoraConfig",
+    "hide": "cramcl.methods.hide:HiDe:HiDeConfig",
+    "replay": "cramcl.methods.replay:Replay:ReplayConfig",
+    "mtl": "cramcl.methods.mtl:MultiTask:MultiTaskConfig",
+    "oracle-lora": "cramcl.methods.oracle_lora:OracleLora:OracleLoraConfig",
 }
 
 
