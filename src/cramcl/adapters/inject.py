@@ -47,6 +47,7 @@ def inject_adapters(model: nn.Module, targets: list[str], expected_count: int, c
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         wrapped = MultiLoRALinear(linear, key, index, context, dropout)
+        wrapped.train(linear.training)  # a new module defaults to train mode (dropout on); follow the model
         setattr(parent, child, wrapped)
         layers[key] = wrapped
     return layers

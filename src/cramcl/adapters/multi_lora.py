@@ -167,6 +167,9 @@ class MultiLoRALinear(nn.Module):
         if weights is None:
             h = h * col_scale
         else:
+            if weights.shape[0] != xd.shape[0] or weights.shape[-1] != self.num_experts:
+                raise RuntimeError(f"{self.key}: routing weights {tuple(weights.shape)} do not fit a batch of "
+                                   f"{xd.shape[0]} over {self.num_experts} experts (stale routing state?)")
             w_cols = weights.to(xd.dtype)[..., owner] * col_scale  # (B, R) or (B, T, R)
             if w_cols.dim() == 2 and h.dim() == 3:
                 w_cols = w_cols.unsqueeze(1)

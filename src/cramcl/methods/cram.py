@@ -172,7 +172,7 @@ class Cram(Method):
                 [layer.experts_A[k].detach().float() for k in history], tau_alloc=self.cfg.tau_alloc,
                 tau_novel=self.cfg.tau_novel, r_min=self.cfg.r_min, r_max=self.cfg.r_max, fixed_rank=self.cfg.fixed_rank)
             layer.add_expert(A=result.A, B=result.B, scale=1.0)
-            layer.init_buffer(self.cfg.buffer_rank, self.cfg.buffer_alpha)  # reset: A random, B = 0
+            layer.drop_buffer()  # reset: the next task's before_task makes a fresh one (A random, B = 0)
             ranks[key] = result.rank
         self._register_expert(group, task, c_buf)
         self.consolidation_log.append({"task": task, "group": group, "ranks": ranks,

@@ -58,8 +58,7 @@ class TinyBackbone:
 
     def collate(self, records: list[Record], train: bool, tensors_only: bool = False) -> dict:
         batch = self.encoder.build([r.question for r in records], [r.answer for r in records] if train else None)
-        digests = [self.vision._digest_of[r.image] for r in records]
-        batch["image_feats"] = self.vision.features(digests)
+        batch["image_feats"] = self._features(records)
         if not tensors_only:
             batch["records"] = records
         return batch
@@ -75,9 +74,15 @@ class TinyBackbone:
         ids = model.greedy_generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, eos_id=self.encoder.eos_id)
         return [decode_words(self.tokenizer, row.tolist()) for row in ids]
 
+    def _features(self, records: list[Record]) -> Tensor:
+        """(B, n_img, 1280); images not prepared yet are encoded (and cached) now."""
+        missing = [r.image for r in records if r.image not in self.vision._digest_of]
+        if missing:
+            self.vision.prepare(missing)
+        return self.vision.features([self.vision._digest_of[r.image] for r in records])
+
     def pooled_image_features(self, records: list[Record]) -> Tensor:
-        feats = self.vision.features([self.vision._digest_of[r.image] for r in records])  # (B, n, 1280)
-        return feats.mean(dim=1)
+        return self._features(records).mean(dim=1)  # (B, 1280)
 
     def describe(self) -> dict:
         return {"backbone": "tiny", "vision": self.vision.identity, "vocab_size": self.tokenizer.get_vocab_size(),

@@ -1,8 +1,11 @@
 """The built-in stream: seven small vision-language tasks generated offline, as an ordinary benchmark.
 
 ``generate_builtin(out_dir)`` writes ``benchmark.yaml``, per task a LLaVA JSON train file and a JSONL
-test file, PNG images under ``images/<task>/``, and ``pretrain.jsonl`` (generic captions for a base
-stage). The tasks, in training order, each with its own instruction format, over four visual domains:
+test file, PNG images under ``images/<task>/``, and ``pretrain.jsonl`` (captions for the tiny backbone's
+base stage). Those captions name what a pretrained MLLM would know of an image ("a red circle", "a
+handwritten 7", "3 dots", "a printed number 47") and never use a task's instruction or answer format, so
+the tasks teach formats on top of a base that can see; digits, count and ocr are scored by exact match,
+so a caption-style reply ("a handwritten 7") is not counted as the answer "7". The tasks, in training order, each with its own instruction format, over four visual domains:
 
 =========  ==========  ==========================================  =========================
 task       scorer      question                                    domain
@@ -10,9 +13,9 @@ task       scorer      question                                    domain
 shape      exact       What shape is in the image?                 easy-VQA (copied images)
 colour     exact       Name the colour of the object.              easy-VQA
 yesno      exact       easy-VQA's own: "Is there a blue shape?"    easy-VQA
-digits     number      Which handwritten digit is shown?           scikit-learn digits
-count      number      How many dots are there?                    generated dot scenes
-ocr        number      Read the printed number.                    rendered numbers
+digits     exact       Which handwritten digit is shown?           scikit-learn digits
+count      exact       How many dots are there?                    generated dot scenes
+ocr        exact       Read the printed number.                    rendered numbers
 caption    caption     Describe the scene briefly.                 generated shape scenes
 =========  ==========  ==========================================  =========================
 
@@ -42,7 +45,7 @@ from cramcl.data.builtin._common import Sample, pixel_hash
 from cramcl.errors import BadInputError
 
 # Bump whenever generation changes what it writes, so stale cached benchmarks get regenerated.
-BUILTIN_VERSION = "cramcl-builtin/1"
+BUILTIN_VERSION = "cramcl-builtin/2"
 PRETRAIN_QUESTION = "Describe the image."
 
 
@@ -61,9 +64,9 @@ TASK_INFO: tuple[BuiltinTask, ...] = (
     BuiltinTask("shape", "exact", "easy-vqa", easyvqa.make_shape, 0.4),
     BuiltinTask("colour", "exact", "easy-vqa", easyvqa.make_colour, 0.0),
     BuiltinTask("yesno", "exact", "easy-vqa", easyvqa.make_yesno, 0.0),
-    BuiltinTask("digits", "number", "digits", digits.make_digits, 0.15),
-    BuiltinTask("count", "number", "dot-scenes", scenes.make_count, 0.15),
-    BuiltinTask("ocr", "number", "printed-numbers", ocr.make_ocr, 0.15),
+    BuiltinTask("digits", "exact", "digits", digits.make_digits, 0.15),
+    BuiltinTask("count", "exact", "dot-scenes", scenes.make_count, 0.15),
+    BuiltinTask("ocr", "exact", "printed-numbers", ocr.make_ocr, 0.15),
     BuiltinTask("caption", "caption", "shape-scenes", scenes.make_caption, 0.15),
 )
 #: Task names of the built-in stream, in training order.

@@ -15,7 +15,7 @@ from PIL import Image
 from cramcl.data.builtin._common import Sample, choose, pixel_hash, split_rng
 
 QUESTION = "Which handwritten digit is shown?"
-CAPTION = "a handwritten digit"
+CAPTION = "a handwritten {}"  # the base knows the concept; the task teaches the answer format
 TEST_FRACTION = 0.2
 
 
@@ -53,7 +53,7 @@ def make_digits(split: str, n: int, task_seed: tuple[int, int], image_size: int,
     else:
         picked = choose(split_rng(task_seed, split), train_pool, n)
     labels = _digits()[1]
-    samples = [Sample(QUESTION, str(int(labels[i])), CAPTION, image=_render(i, image_size))
+    samples = [Sample(QUESTION, str(int(labels[i])), CAPTION.format(int(labels[i])), image=_render(i, image_size))
                for i in picked]
     # Distinct 8x8 digits stay distinct when upscaled, but check: a test image must never be trained on.
     return [s for s in samples if pixel_hash(s.image) not in exclude]

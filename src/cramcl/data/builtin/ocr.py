@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cramcl.data.builtin._common import Sample, split_rng, unique_samples
 
 QUESTION = "Read the printed number."
-CAPTION = "a printed number"
+CAPTION = "a printed number {}"  # the base reads; the task teaches the answer format
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,7 +39,7 @@ def _number_image(rng: np.random.Generator, image_size: int) -> Sample:
     x = int(rng.integers(1 - left, max(2 - left, image_size - right - 1)))
     y = int(rng.integers(1 - top, max(2 - top, image_size - bottom - 1)))
     draw.text((x, y), number, font=font, fill=ink)
-    return Sample(QUESTION, number, CAPTION, image=im)
+    return Sample(QUESTION, number, CAPTION.format(number), image=im)
 
 
 def make_ocr(split: str, n: int, task_seed: tuple[int, int], image_size: int,

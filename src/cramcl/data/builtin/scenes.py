@@ -33,7 +33,7 @@ def _dot_scene(rng: np.random.Generator, image_size: int) -> Sample:
     for x, y in centres:
         colour = PALETTE[_COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]]
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
-    return Sample(COUNT_QUESTION, str(n), "some dots", image=im)
+    return Sample(COUNT_QUESTION, str(n), f"{n} dots", image=im)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float,
