@@ -245,5 +245,5 @@ def test_quick_stream_end_to_end(name, registered, tmp_path):
     if name == "mtl":
         assert runner["trainable_per_task"][1] == 0 and scores[1][0] == scores[0][0]  # one joint model
     else:
-        (task, ids), = meta0["replay"]["buffer"]  # after task 0: only task 0's records, 2% of 2 x 96 = 4
+        [(task, ids)] = meta0["replay"]["buffer"]  # after task 0: only task 0's records, 2% of 2 x 96 = 4
         assert meta0["replay"]["capacity"] == 4 and task == "shape" and all(i.startswith("shape-") for i in ids)

@@ -15,7 +15,11 @@ def make_accelerator(cfg, out: Path):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    import torch
+
     return Accelerator(
+        # without a GPU, several processes (torchrun) form a gloo process group on the CPU
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         # the sampler yields *global* batches; each process takes its slice, so the sequence of optimizer

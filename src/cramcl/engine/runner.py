@@ -16,6 +16,7 @@ from cramcl.config import RunConfig, config_from_dict
 from cramcl.engine.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic, write_yaml_atomic
 from cramcl.engine.env import environment_record
 from cramcl.errors import BadInputError
+from cramcl.utils.dist import check_identical_across_processes
 
 
 def _task_seed(seed: int, task_index: int) -> int:
@@ -97,6 +98,9 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         result = train_task(accelerator, backbone, method, records, cfg.train, t,
                             seed=_task_seed(cfg.seed, t), global_step=state["global_step"])
         method.after_task(t)
+        if accelerator.num_processes > 1:  # experts, centroids, prototypes must match on every process
+            n = check_identical_across_processes(method.state()[0], f"method state after task {t}")
+            log(f"    method state identical on {n} processes")
         state["global_step"] += result.steps
         state["time_train"][t] = result.seconds
         state["trainable_per_task"][t] = result.trained_params

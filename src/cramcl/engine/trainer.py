@@ -101,11 +101,16 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
             raise RuntimeError(f"{method.name}: phase '{phase.name}' has nothing to train")
         trained.update({id(p): p.numel() for p in params})
         base_lr = phase.lr if phase.lr is not None else cfg.lr
+        phase_start = done
         opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
         phase_batches = all_batches[done * cfg.grad_accum:(done + phase.steps) * cfg.grad_accum]
         loader = DataLoader(_Records(records), batch_sampler=FixedBatches(phase_batches, micro_global),
                             collate_fn=lambda recs: backbone.collate(recs, train=True))
         model, opt, loader = accelerator.prepare(backbone.model, opt, loader)
+        # parameters a method keeps outside the model (e.g. CRAM's centroids) are not seen by DDP:
+        # their gradients are averaged across processes here
+        in_model = {id(p) for p in backbone.model.parameters()}
+        outside = [p for p in params if id(p) not in in_model] if accelerator.num_processes > 1 else []
         model.train()
         t_phase = time.perf_counter()
         for micro, batch in enumerate(loader):
@@ -114,10 +119,15 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
                 loss, aux = method.compute_loss(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    for p in outside:
+                        if p.grad is not None:
+                            p.grad = accelerator.reduce(p.grad, reduction="mean")
                     if cfg.grad_clip > 0:
                         accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                    # a phase with its own lr (e.g. routing-cl's gates) runs its own schedule from step 0
+                    step, span = (done - phase_start, phase.steps) if phase.lr is not None else (done, total)
                     for group in opt.param_groups:
-                        group["lr"] = base_lr * lr_factor(done, total, cfg.warmup_ratio, cfg.scheduler)
+                        group["lr"] = base_lr * lr_factor(step, span, cfg.warmup_ratio, cfg.scheduler)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:

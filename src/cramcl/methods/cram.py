@@ -23,7 +23,7 @@ from cramcl.routing.centroid import CentroidAccumulator
 from cramcl.routing.groups import InstructionGroups
 from cramcl.errors import BadInputError
 from cramcl.methods.cram_state import describe_routing, load_cram_state, rank_summary, report_sections, save_cram_state
-from cramcl.utils.dist import all_reduce_sum
+from cramcl.utils.dist import all_reduce_sum, broadcast_from_main
 
 ROUTING_MODES = ("per_sample", "batch_mean", "uniform", "oracle")
 
@@ -89,7 +89,8 @@ class Cram(Method):
     def before_task(self, task_index: int, task) -> None:
         super().before_task(task_index, task)
         first = list(task.train[: self.cfg.group_init_samples])
-        t_mean = all_reduce_sum(self.encoders.text_embeddings(first).sum(0)) / max(1, len(first))
+        # every process reads the same first samples: the decision is identical without communication
+        t_mean = self.encoders.text_embeddings(first).mean(0)
         group, created = self.groups.decide(t_mean) if self.cfg.grouping else self._single_pool(t_mean)
         self.task_group.append(group)
         self.services.log(f"    CRAM: task '{task.name}' -> group {group} ({'new' if created else 'joined'})")
@@ -171,7 +172,9 @@ class Cram(Method):
                 layer.buffer_B.detach().float(), layer.buffer_A.detach().float(), layer.buffer_scale,
                 [layer.experts_A[k].detach().float() for k in history], tau_alloc=self.cfg.tau_alloc,
                 tau_novel=self.cfg.tau_novel, r_min=self.cfg.r_min, r_max=self.cfg.r_max, fixed_rank=self.cfg.fixed_rank)
-            layer.add_expert(A=result.A, B=result.B, scale=1.0)
+            # the SVD runs on every process; rank 0's result is the one all keep (bit-identical experts)
+            layer.add_expert(A=broadcast_from_main(result.A.to(self.device)),
+                             B=broadcast_from_main(result.B.to(self.device)), scale=1.0)
             layer.drop_buffer()  # reset: the next task's before_task makes a fresh one (A random, B = 0)
             ranks[key] = result.rank
         self._register_expert(group, task, c_buf)

@@ -11,7 +11,7 @@ and the task's loss adds the orthogonality penalty over every adapted module
 
 which pushes the rows of the new A (the input subspace the new task writes from) away from the old ones.
 The penalty (already multiplied by lambda1) is reported as the aux loss ``orth``. O-LoRA's optional L2 term on
-the new LoRA (lambda2) is left out: PEERS.md names lambda1 only, and the authors' LLaMA scripts set lambda2 = 0.
+the new LoRA (lambda2) is left out (PEERS.md names lambda1 only).
 
 ``PerTaskLora`` (one fresh, trainable LoRA per task; all earlier ones frozen) is shared with ``oracle-lora``.
 """

@@ -1,8 +1,8 @@
 """`replay`: sequential LoRA (lora-ft) plus a small buffer of earlier tasks' training records.
 
 Buffer size: ``buffer_size`` records when set; by default (``buffer_size: null``) 2% of the stream's
-training records (``buffer_fraction = 0.02``, at least 1), fixed once at the first task. On the built-in
-quick stream (96 records a task) that is 4 records for 2 tasks; on CoIN's ~1.1M training records ~22k.
+training records (``buffer_fraction = 0.02``, at least 1), fixed once at the first task: 4 records for two
+quick-profile tasks (96 records each), 70 for the default profile's 7 built-in tasks (500 each).
 
 Policy: per-task equal quota. After task t the buffer holds, of each finished task i in 0..t, a random
 subset of ceil((size - i) / (t + 1)) records (the slots dealt round-robin, so the earliest tasks get the

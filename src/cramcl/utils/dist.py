@@ -25,3 +25,22 @@ def broadcast_from_main(t: Tensor) -> Tensor:
     if state.num_processes == 1:
         return t
     return broadcast(t.to(state.device).contiguous(), from_process=0).to(t.device)
+
+
+def check_identical_across_processes(tensors: dict[str, Tensor], what: str, atol: float = 1e-6) -> int:
+    """Raise if any process holds different values in ``tensors`` (e.g. experts, centroids, prototypes
+    after a task); returns the number of processes compared. A cheap fingerprint per tensor is gathered."""
+    from accelerate import PartialState
+    from accelerate.utils import gather
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return 1
+    keys = sorted(tensors)
+    finger = torch.stack([torch.stack([tensors[k].double().sum(), tensors[k].double().abs().sum()]) for k in keys])
+    every = gather(finger.to(state.device).unsqueeze(0)).cpu()  # (world, n, 2)
+    spread = (every - every[0:1]).abs().amax(dim=(0, 2))
+    bad = [keys[i] for i in (spread > atol * (1 + finger.abs()[:, 1])).nonzero().flatten().tolist()]
+    if bad:
+        raise RuntimeError(f"{what}: processes disagree on {len(bad)} tensors, e.g. {bad[:3]}")
+    return state.num_processes

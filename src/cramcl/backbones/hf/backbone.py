@@ -13,7 +13,7 @@ import inspect
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +41,7 @@ class HFOptions:
     max_new_tokens: int = 12
     attn_implementation: str | None = None  # None = transformers' default (sdpa); e.g. flash_attention_2
     feature_batch_size: int = 16  # images per forward when pooling routing features
+    processor_kwargs: dict = field(default_factory=dict)  # passed to every processor call, e.g. max_pixels
 
     @classmethod
     def from_config(cls, cfg) -> "HFOptions":
@@ -189,7 +190,8 @@ class HFBackbone:
             with Image.open(r.image) as im:
                 images.append(im.convert("RGB"))
         prompts = [self.chat.prompt(r.question) for r in records]
-        return self.processor(text=prompts, images=[[im] for im in images], padding=True, return_tensors="pt")
+        return self.processor(text=prompts, images=[[im] for im in images], padding=True, return_tensors="pt",
+                              **self.options.processor_kwargs)
 
     def collate(self, records: list[Record], train: bool) -> dict:
         """Processor tensors + ``image_mask`` (+ ``labels`` on answer + eos when ``train``) + ``records``.
