@@ -112,11 +112,14 @@ def test_per_sample_routing_is_independent_of_batch_mates(two_tasks):
     s.method.prepare_batch(mixed, train=False)
     assert torch.allclose(s.method._weights[:, 0], w_alone, atol=1e-6)
     assert torch.allclose(s.method._weights.sum(-1), torch.ones_like(s.method._weights.sum(-1)), atol=1e-5)
+    # and so is its output: the next-token logits of the prompt's last position agree to float precision
+    # (not bit-for-bit: another batch size may pick other matmul kernels)
     s.method.prepare_batch(alone, train=False)
-    out_alone = s.backbone.generate(s.backbone.model, alone)
-    s.method.prepare_batch(mixed, train=False)
-    out_mixed = s.backbone.generate(s.backbone.model, mixed)
-    assert out_mixed[0] == out_alone[0]
+    with torch.no_grad():
+        logit_alone = s.backbone.model(**s.backbone.model_inputs(alone)).logits[0, -1]
+        s.method.prepare_batch(mixed, train=False)
+        logit_mixed = s.backbone.model(**s.backbone.model_inputs(mixed)).logits[0, -1]
+    assert torch.allclose(logit_alone, logit_mixed, atol=1e-4)
 
 
 def test_batch_mean_routing_depends_on_batch_mates(tmp_path, two_tasks):

@@ -186,8 +186,8 @@ def _benchmark(tmp_path, records) -> str:
     rows = [{"id": r.id, "image": str(r.image), "question": r.question, "answer": r.answer} for r in records]
     (root / "shape" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
     (root / "shape" / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:4]))
-    (root / "bench.yaml").write_text(f"name: tiny-hf\nimage_root: {records[0].image.parent}\ntasks:\n"
-                                     "  - {name: shape, train: shape/train.jsonl, test: shape/test.jsonl, scorer: exact}\n")
+    task = "  - {name: shape, train: shape/train.jsonl, test: shape/test.jsonl, scorer: exact}\n"
+    (root / "bench.yaml").write_text(f"name: tiny-hf\nimage_root: {records[0].image.parent}\ntasks:\n{task}")
     return str(root / "bench.yaml")
 
 

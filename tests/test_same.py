@@ -190,9 +190,11 @@ def test_save_load_round_trip_gives_identical_outputs(smoke_run, loaded, tmp_pat
     # the reloaded checkpoint predicts exactly what the trained in-memory method predicted during the run
     for task in session.bench.tasks:
         rows = [json.loads(l) for l in (out / "results" / "predictions" / "after_1" / f"{task.name}.jsonl").open()]
-        batch = _batch(session, list(task.test[:16]))
+        # the run evaluated each task's whole test split as one batch: the same batch here gives the same
+        # kernels, so the comparison is bit-for-bit (another batch size may flip a near-tie in float)
+        batch = _batch(session, list(task.test))
         session.method.prepare_batch(batch, train=False)
-        assert session.backbone.generate(session.backbone.model, batch) == [r["prediction"] for r in rows[:16]]
+        assert session.backbone.generate(session.backbone.model, batch) == [r["prediction"] for r in rows]
     # and state() -> safetensors + JSON -> load_state() into a fresh session gives the same logits
     tensors, meta = session.method.state()
     save_file(tensors, str(tmp_path / "m.safetensors"))

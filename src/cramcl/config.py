@@ -48,6 +48,13 @@ class BackboneConfig:
     base_lr: float = 2.0e-3
     max_new_tokens: int = 12
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # hf only: a local transformers image-text-to-text model ($VARS and ~ expanded; nothing is downloaded)
+    model_path: str = ""
+    dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on CPU) | bfloat16 | float16 | float32
+    gradient_checkpointing: bool = False
+    max_length: int = 2048  # prompt (image tokens included) + answer tokens; longer answers are cut
+    attn_implementation: str | None = None  # None: transformers' default (sdpa); e.g. flash_attention_2
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)  # every processor call, e.g. image size caps
 
 
 @dataclass
@@ -253,7 +260,9 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
     method_overrides = prof.pop("method_overrides", {}) or {}
     layers.append((f"profile {profile}", prof, method_overrides.get(method) or {}))
     if config_file:
-        layers.append((str(config_file), user, user_args))
+        # a --config file may carry per-method settings like a profile (e.g. a backbone file's paper values)
+        user_overrides = user.pop("method_overrides", None) or {}
+        layers.append((str(config_file), user, {**(user_overrides.get(method) or {}), **user_args}))
     layers.append(("command line", cli, cli_args))
 
     cfg = RunConfig(method=method, profile=profile)

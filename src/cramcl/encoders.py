@@ -8,6 +8,7 @@ encoder, CLIP's text tower included (``text_encoder: /path/to/clip``), and a loc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,8 +96,20 @@ class ClipImageEncoder:
         return torch.stack([self._cache[r.image] for r in records])
 
 
+@dataclass
+class RoutingEncoderConfig:
+    """Settings every method with routing encoders shares (a base of its config dataclass)."""
+    text_encoder: str = "minilm"  # or a local path to any HF text encoder / CLIP
+    image_encoder: str = "backbone"  # pooled backbone features, or a local path to a CLIP model
+    normalize_embeddings: bool = True
+
+
 class RoutingEncoders:
     """t (instruction text) and q (image) for a list of records; L2-normalised if ``normalize``."""
+
+    @classmethod
+    def from_config(cls, backbone, cfg: RoutingEncoderConfig) -> "RoutingEncoders":
+        return cls(backbone, cfg.text_encoder, cfg.image_encoder, cfg.normalize_embeddings)
 
     def __init__(self, backbone, text_encoder: str = "minilm", image_encoder: str = "backbone", normalize: bool = True):
         self.backbone = backbone

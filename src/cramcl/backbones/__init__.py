@@ -14,4 +14,8 @@ def build_backbone(run_cfg, bench, log=print):
         texts = [r.question for t in bench.tasks for r in (*t.train, *t.test)]
         texts += [r.answer for t in bench.tasks for r in t.train]
         return TinyBackbone(cfg, texts, base_corpus(bench, run_cfg.data), run_cfg.seed, log=log)
-    raise BadInputError(f"backbone.name: unknown backbone '{cfg.name}' (known: tiny)")
+    if cfg.name == "hf":
+        from cramcl.backbones.hf import HFBackbone, HFOptions
+
+        return HFBackbone(HFOptions.from_config(cfg), log=log)
+    raise BadInputError(f"backbone.name: unknown backbone '{cfg.name}' (known: tiny, hf)")

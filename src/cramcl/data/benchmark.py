@@ -18,6 +18,7 @@ Paths are relative to the YAML file's directory. ``load_benchmark`` reports ever
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +72,27 @@ def _unknown_keys(where: str, mapping: dict, allowed: tuple[str, ...]) -> list[s
     return problems
 
 
+_ENV_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _expand(where: str, key: str, value: str, problems: list[str]) -> str | None:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded (a data root given by a variable); an unset variable is a problem."""
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = _ENV_VAR.findall(expanded)
+    if unset:
+        problems.append(f"{where}: '{key}' uses unset environment variable {', '.join(unset)} ({value})")
+        return None
+    return expanded
+
+
 def _path_field(where: str, mapping: dict, key: str, base: Path, problems: list[str]) -> Path | None:
-    """A required path-valued key, resolved against the YAML's directory."""
+    """A required path-valued key, resolved against the YAML's directory (after ``$VAR`` expansion)."""
     value = mapping.get(key)
     if not isinstance(value, str) or not value.strip():
         problems.append(f"{where}: missing '{key}' (a path relative to the benchmark file)")
         return None
-    return base / value
+    value = _expand(where, key, value, problems)
+    return None if value is None else base / value
 
 
 def _read_yaml(path: Path) -> Any:
@@ -169,6 +184,8 @@ def load_benchmark(
     image_root: Path | None = None
     if not isinstance(root_value, str) or not root_value.strip():
         problems.append(f"{yaml_path}: 'image_root' must be a path (relative to the benchmark file)")
+    elif (root_value := _expand(str(yaml_path), "image_root", root_value, problems)) is None:
+        pass
     elif not (base / root_value).is_dir():
         problems.append(f"{yaml_path}: image_root '{root_value}' is not a directory ({base / root_value})")
     else:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cramcl.encoders import RoutingEncoders
+from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods.cram_math import consolidate_buffer, gated_orthogonality_penalty, orth_history_basis
 from cramcl.methods.cram_routing import CentroidBank, group_layer_weights, scatter_group_weights
@@ -29,7 +29,7 @@ ROUTING_MODES = ("per_sample", "batch_mean", "uniform", "oracle")
 
 
 @dataclass
-class CramConfig:
+class CramConfig(RoutingEncoderConfig):
     buffer_rank: int = 48
     buffer_alpha: float = 96.0  # scale alpha / R = 2
     dropout: float = 0.05
@@ -48,9 +48,6 @@ class CramConfig:
     max_groups: int = 5  # 5 on UCIT, 10 on TriGap
     group_init_samples: int = 32  # the task's first N samples decide its group
     lambda_orth: float = 1.0
-    text_encoder: str = "minilm"
-    image_encoder: str = "backbone"
-    normalize_embeddings: bool = True
 
 
 class Cram(Method):
@@ -75,8 +72,7 @@ class Cram(Method):
     # ------------------------------------------------------------------ setup
     def setup(self, services: Services) -> None:
         super().setup(services)
-        self.encoders = RoutingEncoders(services.backbone, self.cfg.text_encoder, self.cfg.image_encoder,
-                                        self.cfg.normalize_embeddings)
+        self.encoders = RoutingEncoders.from_config(services.backbone, self.cfg)
         self.num_layers = services.backbone.num_layers
         self.context.route = lambda layer, x: self._weights[layer.layer_index] if self._weights is not None else None
         self._weights: Tensor | None = None

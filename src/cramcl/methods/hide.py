@@ -28,26 +28,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cramcl.encoders import RoutingEncoderConfig
 from cramcl.errors import BadInputError
 from cramcl.methods.base import Services
 from cramcl.methods.expert_merging import anchor_routing_weights, merged_factors
-from cramcl.methods.olora import PerTaskLora
+from cramcl.methods.lora_ft import LoraFTConfig
+from cramcl.methods.per_task import PerTaskLora
 from cramcl.utils.dist import all_reduce_sum
 
 
 @dataclass
-class HiDeConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+class HiDeConfig(LoraFTConfig, RoutingEncoderConfig):
     top_layers: int = 1  # top transformer layers that mix experts by the anchors; all lower ones merge
     image_weight: float = 0.2
     text_weight: float = 0.8
     anchor_scale: float = 28.0
     anchor_max_records: int | None = None  # None: every training record of the task makes its anchors
-    text_encoder: str = "minilm"  # or a local path to any HF text encoder / CLIP
-    image_encoder: str = "backbone"  # or a local path to a CLIP model
-    normalize_embeddings: bool = True
 
 
 class HiDe(PerTaskLora):
@@ -84,8 +80,7 @@ class HiDe(PerTaskLora):
         if self.services.encoders is None:
             from cramcl.encoders import RoutingEncoders
 
-            self.services.encoders = RoutingEncoders(self.services.backbone, self.cfg.text_encoder,
-                                                     self.cfg.image_encoder, self.cfg.normalize_embeddings)
+            self.services.encoders = RoutingEncoders.from_config(self.services.backbone, self.cfg)
         return self.services.encoders
 
     def is_top(self, layer) -> bool:

@@ -22,14 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cramcl.methods.base import Method, freeze_all_experts, lora_params
+from cramcl.methods.lora_ft import LoraFTConfig
+from cramcl.methods.per_task import PerTaskLora
 
 
 @dataclass
-class OLoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+class OLoraConfig(LoraFTConfig):
     lambda1: float = 0.5
 
 
@@ -42,34 +40,6 @@ def olora_penalty(A_new: Tensor, old_As: list[Tensor]) -> Tensor:
         return A_new.new_zeros(())
     old = torch.cat([a.detach().to(A_new.dtype) for a in old_As], dim=0)  # (sum_i r_i, d_in)
     return (A_new @ old.t()).abs().sum()  # (r_t, sum_i r_i) -> ()
-
-
-class PerTaskLora(Method):
-    """One fresh LoRA per task on every adapted linear (expert index == task index); earlier ones frozen.
-
-    Subclasses decide how the experts mix (O-LoRA: all with weight 1; oracle-lora: one-hot on the task id)."""
-
-    def before_task(self, task_index: int, task) -> None:
-        super().before_task(task_index, task)
-        freeze_all_experts(self.layers)
-        for layer in self.layers.values():
-            if layer.num_experts != task_index:
-                raise RuntimeError(f"{self.name}: {layer.key} holds {layer.num_experts} experts before task "
-                                   f"{task_index}; one per finished task was expected")
-            k = layer.add_expert(self.cfg.rank, alpha=self.cfg.alpha)
-            layer.set_expert_trainable(k, True)
-
-    def after_task(self, task_index: int) -> None:
-        freeze_all_experts(self.layers)
-        self.current_task = None
-
-    def one_expert_params(self) -> int:
-        return sum(lora_params(layer, self.cfg.rank) for layer in self.layers.values())
-
-    def param_counts(self) -> dict[str, int]:
-        counts = super().param_counts()  # stored: every task's LoRA
-        counts["trainable"] = self.one_expert_params()  # the current task's LoRA only
-        return counts
 
 
 class OLora(PerTaskLora):

@@ -20,14 +20,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from cramcl.methods.base import Services
-from cramcl.methods.olora import PerTaskLora
+from cramcl.methods.lora_ft import LoraFTConfig
+from cramcl.methods.per_task import PerTaskLora
 
 
 @dataclass
-class OracleLoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+class OracleLoraConfig(LoraFTConfig):
+    """rank, alpha, dropout of each task's LoRA."""
 
 
 class OracleLora(PerTaskLora):

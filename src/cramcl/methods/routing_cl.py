@@ -32,17 +32,15 @@ from torch import Tensor, nn
 from cramcl.errors import BadInputError
 from cramcl.methods.base import Phase, Services, freeze_all_experts, lora_params
 from cramcl.methods.expert_merging import sigmoid_gate_weights, token_topk_routing
-from cramcl.methods.olora import PerTaskLora
+from cramcl.methods.lora_ft import LoraFTConfig
+from cramcl.methods.per_task import PerTaskLora
 from cramcl.utils.dist import all_reduce_sum
 
 GATE_INITS = ("zeros", "input_mean")
 
 
 @dataclass
-class RoutingCLConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+class RoutingCLConfig(LoraFTConfig):
     top_k: int = 2
     gate_steps: int = 100
     gate_fraction: float | None = 0.2  # cap on the gate phase as a share of steps_per_task; None: no cap

@@ -20,14 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from cramcl.adapters.inject import inject_adapters
-from cramcl.encoders import RoutingEncoders
+from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods import same_math as sm
 from cramcl.utils.dist import all_reduce_sum, broadcast_from_main
 
 
 @dataclass
-class SameConfig:
+class SameConfig(RoutingEncoderConfig):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -50,9 +50,6 @@ class SameConfig:
     prior_image_weight: float = 0.2  # the text cosine gets 1 - this
     prior_scale: float = 28.0
     top_k: int = 2
-    text_encoder: str = "minilm"
-    image_encoder: str = "backbone"
-    normalize_embeddings: bool = True
 
 
 class Same(Method):
@@ -89,8 +86,7 @@ class Same(Method):
         for key, layer in self.layers.items():
             layer.same_router = nn.ParameterList()  # a submodule: moves with the model, seen by DDP
             self.routers[key] = layer.same_router
-        self.encoders = RoutingEncoders(bb, self.cfg.text_encoder, self.cfg.image_encoder,
-                                        self.cfg.normalize_embeddings)
+        self.encoders = RoutingEncoders.from_config(bb, self.cfg)
         self.grad_accum = max(1, int(services.run_config.train.grad_accum))
         self.context.route = self._route
 

@@ -86,7 +86,8 @@ def load_processor(path: Path):
     try:
         return AutoProcessor.from_pretrained(path)
     except (ImportError, OSError, ValueError) as exc:
-        if "video" not in str(exc).lower() and "torchvision" not in str(exc).lower():
+        video_only = any(w in str(exc).lower() for w in ("video", "torchvision"))
+        if not video_only or not (path / "processor_config.json").is_file():
             raise BadInputError(f"{path}: cannot load the processor: {str(exc).splitlines()[0]}") from None
     config = json.loads((path / "processor_config.json").read_text())
     cls = getattr(transformers, config["processor_class"])
@@ -132,11 +133,11 @@ class HFBackbone:
         if opts.gradient_checkpointing:
             # non-reentrant checkpointing gives the adapters gradients although every input is frozen
             # (the reentrant variant would need enable_input_require_grads())
-            kwargs = {"use_reentrant": False}
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            ckpt = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt)
             else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
         config = self.model.config
         self.text_config = config.get_text_config()
         self.num_layers = int(self.text_config.num_hidden_layers)
@@ -150,9 +151,9 @@ class HFBackbone:
         eos = tok.eos_token_id if tok.eos_token_id is not None else gen_eos[0]
         self.stop_ids = list(dict.fromkeys(i for i in [eos, *gen_eos] if i is not None))
         self.chat = ChatFormat(self.processor, self.stop_ids, eos, str(self.path))
-        self.image_token_id = next((v for v in (getattr(config, "image_token_id", None),
-                                                getattr(config, "image_token_index", None),
-                                                getattr(self.processor, "image_token_id", None)) if v is not None), None)
+        candidates = (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None),
+                      getattr(self.processor, "image_token_id", None))
+        self.image_token_id = next((v for v in candidates if v is not None), None)
         if self.image_token_id is None:
             raise BadInputError(f"{self.path}: the model config names no image token id")
         self.generation_config = GenerationConfig(max_new_tokens=opts.max_new_tokens, do_sample=False, num_beams=1,

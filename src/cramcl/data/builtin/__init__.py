@@ -3,7 +3,7 @@
 ``generate_builtin(out_dir)`` writes ``benchmark.yaml``, per task a LLaVA JSON train file and a JSONL
 test file, PNG images under ``images/<task>/``, and ``pretrain.jsonl`` (captions for the tiny backbone's
 base stage). Those captions name what a pretrained MLLM would know of an image ("a red circle", "a
-handwritten 7", "3 dots", "a printed number 47") and never use a task's instruction or answer format, so
+handwritten 7", "3 dots", "a printed number 4") and never use a task's instruction or answer format, so
 the tasks teach formats on top of a base that can see; digits, count and ocr are scored by exact match,
 so a caption-style reply ("a handwritten 7") is not counted as the answer "7". The tasks, in training order, each with its own instruction format, over four visual domains:
 
@@ -15,7 +15,7 @@ colour     exact       Name the colour of the object.              easy-VQA
 yesno      exact       easy-VQA's own: "Is there a blue shape?"    easy-VQA
 digits     exact       Which handwritten digit is shown?           scikit-learn digits
 count      exact       How many dots are there?                    generated dot scenes
-ocr        exact       Read the printed number.                    rendered numbers
+ocr        exact       Read the printed number.                    rendered digits
 caption    caption     Describe the scene briefly.                 generated shape scenes
 =========  ==========  ==========================================  =========================
 
@@ -45,7 +45,7 @@ from cramcl.data.builtin._common import Sample, pixel_hash
 from cramcl.errors import BadInputError
 
 # Bump whenever generation changes what it writes, so stale cached benchmarks get regenerated.
-BUILTIN_VERSION = "cramcl-builtin/2"
+BUILTIN_VERSION = "cramcl-builtin/3"
 PRETRAIN_QUESTION = "Describe the image."
 
 
