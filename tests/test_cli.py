@@ -277,3 +277,25 @@ def test_metrics_of_a_real_run(finished_run, capsys):
     for k, v in json_safe(continual_metrics(matrix["scores"])).items():
         assert got[k] == v
     assert got["params"] == saved["params"]
+
+
+def test_run_with_a_corrupt_image_is_bad_input_naming_the_file(tmp_path, capsys, warm_cache):
+    """validate catches a corrupt image up front; a run that meets one anyway exits 2 naming the file."""
+    from PIL import Image
+
+    from cramcl.cli import main
+
+    root = tmp_path / "bench"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(root / "images" / "ok.png")
+    (root / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = [{"id": "a", "image": "ok.png", "question": "What colour?", "answer": "red"},
+            {"id": "b", "image": "bad.png", "question": "What colour?", "answer": "red"}]
+    (root / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "b.yaml").write_text("name: b\nimage_root: images\ntasks:\n"
+                                 "  - {name: c, train: t.jsonl, test: t.jsonl, scorer: exact}\n")
+    code = main(["run", "--method", "lora-ft", "--profile", "quick", "--benchmark", str(root / "b.yaml"),
+                 "--out", str(tmp_path / "run"), "train.steps_per_task=1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "bad.png" in err and "unreadable image" in err

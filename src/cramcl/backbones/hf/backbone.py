@@ -184,12 +184,9 @@ class HFBackbone:
         """Nothing to precompute: images are read per batch (routing features are cached on first use)."""
 
     def _encode_prompts(self, records: list[Record]) -> dict:
-        from PIL import Image
+        from cramcl.data.records import open_rgb
 
-        images = []
-        for r in records:
-            with Image.open(r.image) as im:
-                images.append(im.convert("RGB"))
+        images = [open_rgb(r.image) for r in records]
         prompts = [self.chat.prompt(r.question) for r in records]
         return self.processor(text=prompts, images=[[im] for im in images], padding=True, return_tensors="pt",
                               **self.options.processor_kwargs)

@@ -198,3 +198,24 @@ def save_processor(processor, out: Path) -> None:
     (out / "chat_template.jinja").write_text(processor.chat_template)
     config = {k: v for k, v in processor.to_dict().items() if v is not None and k != "chat_template"}
     (out / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build_tiny_clip(out_dir: str | Path, *, projection_dim: int = 16, seed: int = 0) -> Path:
+    """A random-weight CLIP (text + vision towers) with tokenizer and image processor, saved like a real
+    checkpoint: the stand-in for the paper's CLIP routing encoders in tests (nothing is downloaded)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    out = Path(out_dir)
+    tok = build_tokenizer("llava")
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=projection_dim)
+    CLIPModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out

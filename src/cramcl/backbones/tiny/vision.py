@@ -29,9 +29,10 @@ def image_digest(path: Path) -> str:
 
 def load_image_tensor(path: Path, size: int) -> Tensor:
     """(3, size, size) in [-1, 1], as EfficientNet-Lite expects."""
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
+    from cramcl.data.records import open_rgb
+
+    im = open_rgb(path).resize((size, size), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
     return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
 
 
