@@ -121,9 +121,10 @@ def format_metrics(metrics_json: Mapping, fmt: str = "md") -> str:
     rows.append(["params active per sample", _fmt_int(active)])
     for key, v in (metrics_json.get("time_s") or {}).items():
         rows.append([f"time {_cell_text(key)} (s)", _fmt_value(v)])
-    # anything else a runner adds (e.g. "complete", "uses_task_id_at_eval") is shown as given
+    # anything else a runner adds (e.g. "complete", "uses_task_id_at_eval") is shown as given; a method's own
+    # analysis has its own sections in the report
     for key, v in metrics_json.items():
-        if key not in (*METRIC_NAMES, "params", "time_s"):
+        if key not in (*METRIC_NAMES, "params", "time_s", "method_analysis"):
             rows.append([_cell_text(key), _fmt_value(v)])
     return _md_table(["metric", "value"], rows)
 
