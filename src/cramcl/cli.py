@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="adapted modules, parameter counts and routing state")
     i.add_argument("--config", help="a YAML file of settings (without --run: the model it would build)")
+    i.add_argument("--method", help="method name (without --run; default: cram)")
+    i.add_argument("--profile", choices=["quick", "default"], help="profile (without --run)")
     i.add_argument("--run", help="a run directory (its last checkpoint)")
     i.add_argument("--record", help="show how this test record id is routed (with --run)")
     i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -141,7 +143,7 @@ def _cmd_inspect(args) -> int:
     if args.run:
         print(inspect_run(Path(args.run), record_id=args.record))
     else:
-        print(inspect_config(args.config, args.overrides))
+        print(inspect_config(args.config, args.overrides, method=args.method, profile=args.profile))
     return 0
 
 

@@ -17,12 +17,14 @@ def _counts(method) -> str:
             f"active per sample: {c['active_per_sample']:,}")
 
 
-def inspect_config(config_file: str | None, overrides: list[str]) -> str:
+def inspect_config(config_file: str | None, overrides: list[str], method: str | None = None,
+                   profile: str | None = None) -> str:
+    import tempfile
+
     from cramcl.config import resolve_config
     from cramcl.engine.session import open_session
 
-    cfg = resolve_config(config_file=config_file, overrides=overrides)
-    import tempfile
+    cfg = resolve_config(method=method, profile=profile, config_file=config_file, overrides=overrides)
 
     with tempfile.TemporaryDirectory() as tmp:
         session = open_session(cfg, Path(tmp), log=lambda *a: None)

@@ -47,7 +47,10 @@ class TinyBackbone:
             "model": [self.cfg.hidden_size, self.cfg.num_layers, self.cfg.num_heads, self.cfg.intermediate_size],
             "vision": self.vision.identity, "vocab": tokenizer_digest(self.tokenizer), "corpus": corpus_digest,
             "steps": self.cfg.base_steps, "batch": self.cfg.base_batch_size, "lr": self.cfg.base_lr, "seed": seed,
-            "torch": torch.__version__})
+            "torch": torch.__version__,
+            # float reductions differ with the thread count: a base trained with 1 thread is not bit-identical
+            # to one trained with 2, and near-chance tasks can move by several points between them
+            "threads": torch.get_num_threads()})
         self.base_key = key
         load_or_train_base(self.model, key, lambda idx: self.collate([corpus[i] for i in idx], train=True, tensors_only=True),
                            len(corpus), steps=self.cfg.base_steps, batch_size=self.cfg.base_batch_size,
