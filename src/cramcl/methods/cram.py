@@ -63,7 +63,7 @@ class Cram(Method):
         self.expert_group: list[int] = []  # expert k -> group
         self.expert_task: list[int] = []  # expert k -> task index (for oracle routing and reports)
         self.task_group: list[int] = []
-        self.consolidation_log: list[dict] = []  # per task: rank per module, candidates, novelty kept
+        self.consolidation_log: list[dict] = []  # per task: its group, rank per module, history size
         self._c_buf = CentroidAccumulator()
         self._phase = "eval"
         self._q_hist: dict[str, Tensor] = {}
