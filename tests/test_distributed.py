@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from conftest import QUICK_OVERRIDES, LogSink, quick_config
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from cramcl.config import RunConfig, config_from_dict
-from cramcl.engine.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic, write_yaml_atomic
+from cramcl.engine.checkpoint import last_checkpoint, save_checkpoint, write_json_atomic, write_yaml_atomic
 from cramcl.engine.env import environment_record
 from cramcl.errors import BadInputError
 from cramcl.utils.dist import check_identical_across_processes
@@ -55,8 +55,8 @@ def evaluate_tasks(session, tasks, pred_dir: Path) -> dict[str, float]:
 def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, stop_after_task: int | None = None) -> dict:
     """Run the whole stream; returns the final ``matrix.json`` dict. ``stop_after_task`` (tests) simulates an
     interruption right after that task's checkpoint."""
-    from cramcl.engine.results import write_results
-    from cramcl.engine.session import open_session
+    from cramcl.engine.results import matrix_json, write_results
+    from cramcl.engine.session import open_session, restore_checkpoint
     from cramcl.engine.trainer import train_task
 
     out = Path(out)
@@ -76,12 +76,10 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
     start = 0
     ckpt = last_checkpoint(out) if resume else None
     if ckpt is not None:
-        tensors, meta, state = load_checkpoint(ckpt)
+        done, state = restore_checkpoint(session, ckpt)
         if state["tasks"] != names:
             raise BadInputError(f"{ckpt}: checkpoint was made for tasks {state['tasks']}, the stream has {names}")
-        method.load_state(tensors, meta)
-        backbone.model.to(accelerator.device)
-        start = int(ckpt.name.split("_")[1]) + 1
+        start = done + 1
         log(f"resuming after task {start - 1} ({names[start - 1]}) from {ckpt}")
 
     all_test = [r for t in tasks for r in t.test]
@@ -90,11 +88,9 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         task = tasks[t]
         log(f"[{t + 1}/{len(tasks)}] {cfg.method}: training on '{task.name}' ({len(task.train)} records)")
         torch.manual_seed(_task_seed(cfg.seed, t))  # fresh experts, dropout: identical on resume
-        backbone.prepare(list(task.train), desc=f"image features ({task.name})")
         method.before_task(t, task)
-        records = method.training_records(t, task, tasks)
-        if len(records) != len(task.train):
-            backbone.prepare(records, desc="image features (training records)")
+        records = method.training_records(t, task, tasks)  # the task's own, or with replayed / joint records
+        backbone.prepare(records, desc=f"image features ({task.name})")
         result = train_task(accelerator, backbone, method, records, cfg.train, t,
                             seed=_task_seed(cfg.seed, t), global_step=state["global_step"])
         method.after_task(t)
@@ -120,9 +116,9 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         accelerator.wait_for_everyone()
         if stop_after_task is not None and t == stop_after_task:
             accelerator.end_training()
-            return {"method": cfg.method, "tasks": names, "scores": state["scores"], "scorers": state["scorers"]}
+            return matrix_json(cfg, state)
 
     if start >= len(tasks) and accelerator.is_main_process:
         write_results(out, cfg, method, state, partial=False, seen_tasks=tasks)  # a resume of a finished run: refresh outputs
     accelerator.end_training()
-    return {"method": cfg.method, "tasks": names, "scores": state["scores"], "scorers": state["scorers"]}
+    return matrix_json(cfg, state)

@@ -52,7 +52,12 @@ def open_finished_run(run_dir: Path, after_task: int | None = None, log=print) -
     if ckpt is None or not ckpt.is_dir():
         raise BadInputError(f"{run_dir}: no checkpoint for task {after_task if after_task is not None else '(any)'}")
     session = open_session(cfg, run_dir, log=log)
+    return session, *restore_checkpoint(session, ckpt)
+
+
+def restore_checkpoint(session: Session, ckpt: Path) -> tuple[int, dict]:
+    """Load ``checkpoints/task_<t>`` into the session's method; returns (t, the runner state saved with it)."""
     tensors, meta, state = load_checkpoint(ckpt)
     session.method.load_state(tensors, meta)
     session.backbone.model.to(session.accelerator.device)
-    return session, int(ckpt.name.split("_")[1]), state
+    return int(ckpt.name.split("_")[1]), state
