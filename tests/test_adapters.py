@@ -256,7 +256,9 @@ def test_a_sample_does_not_depend_on_its_batch_mates():
             current["w"] = per_sample[b:b + 1]
             ctx.buffer_weight = bw[b:b + 1]
             alone = layer(x[b:b + 1])
-            assert torch.allclose(alone[0], full[b], atol=1e-6, rtol=0), b
+            # a batch of one may take another matmul kernel: allow float32 rounding (outputs reach ~30, where
+            # one ulp is 2e-6), nothing more; a real dependence on batch mates moves outputs by O(1)
+            assert torch.allclose(alone[0], full[b], atol=1e-6, rtol=1e-6), (b, (alone[0] - full[b]).abs().max())
         # change every other sample (inputs and weights): sample 0 is unchanged
         x2, w2 = x.clone(), per_sample.clone()
         x2[1:] = torch.randn_like(x2[1:])
@@ -264,7 +266,7 @@ def test_a_sample_does_not_depend_on_its_batch_mates():
         current["w"] = w2
         ctx.buffer_weight = bw
         other = layer(x2)
-    assert torch.allclose(other[0], full[0], atol=1e-6, rtol=0)
+    assert torch.allclose(other[0], full[0], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(other[1], full[1], atol=1e-3)
 
 

@@ -208,7 +208,9 @@ def test_save_load_round_trip_gives_identical_outputs(smoke_run, loaded, tmp_pat
         s.method.prepare_batch(batch, train=False)
         with torch.no_grad():
             logits.append(s.backbone.model(**s.backbone.model_inputs(batch)).logits)
-    assert torch.equal(logits[0], logits[1])
+    # the state round trip is bit-exact (asserted above); the forward may still differ by float32 rounding when
+    # the reloaded tensors' memory layout picks another kernel (measured: 1 ulp, 9.5e-7 at logits ~9)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-6), (logits[0] - logits[1]).abs().max()
 
 
 def test_evaluation_needs_no_task_id_and_routes_each_sample(loaded):
