@@ -191,6 +191,12 @@ def test_tau_novel_zero_keeps_all_candidates():
     loose = consolidate_buffer(B, A, 1.0, hist, tau_novel=0.0, r_min=1, r_max=9)
     assert loose.kept.tolist() == list(range(6)) and loose.n_candidates == 6
     assert strict.rank < loose.rank
+    # no capability gap at all: no projection off the history either (the authors' tau_novel = 0),
+    # so the expert is exactly the buffer's truncation, as if the group had no earlier experts
+    plain = consolidate_buffer(B, A, 1.0, [], tau_novel=0.0, r_min=1, r_max=9)
+    assert loose.novelty is None
+    assert torch.allclose(loose.B @ loose.A, plain.B @ plain.A, atol=1e-10)
+    assert (loose.A @ history_basis(hist)).abs().max() > 1e-3  # it still overlaps the history
 
 
 def test_fixed_rank_gives_exactly_that_rank():

@@ -18,14 +18,16 @@ from torch import Tensor, nn
 from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods.cram_math import consolidate_buffer, gated_orthogonality_penalty, orth_history_basis
-from cramcl.methods.cram_routing import CentroidBank, group_layer_weights, scatter_group_weights
+from cramcl.methods.cram_routing import CentroidBank, group_layer_weights, routing_check, scatter_group_weights
 from cramcl.routing.centroid import CentroidAccumulator
 from cramcl.routing.groups import InstructionGroups
 from cramcl.errors import BadInputError
-from cramcl.methods.cram_state import describe_routing, load_cram_state, rank_summary, report_sections, save_cram_state
+from cramcl.methods.cram_state import (describe_routing, load_cram_state, own_expert_weights, rank_summary,
+                                      report_sections, save_cram_state)
 from cramcl.utils.dist import all_reduce_sum, broadcast_from_main
 
 ROUTING_MODES = ("per_sample", "batch_mean", "uniform", "oracle")
+ROUTING_CHECK_SAMPLES = 256  # a task's first N training records measure its routing at the stable phase's start
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Cram(Method):
         self.expert_task: list[int] = []  # expert k -> task index (for oracle routing and reports)
         self.task_group: list[int] = []
         self.consolidation_log: list[dict] = []  # per task: its group, rank per module, history size
+        self.routing_checks: list[dict] = []  # per task in a shared group: its centroids on its own images
         self._c_buf = CentroidAccumulator()
         self._phase = "eval"
         self._q_hist: dict[str, Tensor] = {}
@@ -89,6 +92,7 @@ class Cram(Method):
         t_mean = self.encoders.text_embeddings(first).mean(0)
         group, created = self.groups.decide(t_mean) if self.cfg.grouping else self._single_pool(t_mean)
         self.task_group.append(group)
+        self._task_records = list(task.train[:ROUTING_CHECK_SAMPLES])
         self.services.log(f"    CRAM: task '{task.name}' -> group {group} ({'new' if created else 'joined'})")
         self._c_buf.reset()
         if self.cfg.no_warmup:
@@ -132,6 +136,27 @@ class Cram(Method):
         self.centroids.centroids[new].requires_grad_(True)
         self._q_hist = self._history_bases(new)
         self.context.capture = self._capture if self._q_hist and self.cfg.lambda_orth > 0 else None
+        self._check_routing(new)
+
+    @torch.no_grad()
+    def _check_routing(self, new: int) -> None:
+        """At the start of a stable phase in a shared group: do the new centroids send the task's own images
+        to its new expert? Near-uniform weights although the images separate the experts (sigma too large
+        for the embedding's scale) are logged as a warning and shown in the report."""
+        experts = self._group_experts(self.expert_group[new])
+        if len(experts) < 2 or self.cfg.routing != "per_sample":
+            return
+        q = self.encoders.image_embeddings(self._task_records).to(self.device)
+        check = routing_check(q, self.centroids.stacked(experts)[0], experts.index(new), self.cfg.sigma)
+        check.update(task=self.current_task, group=self.expert_group[new])
+        self.routing_checks.append(check)
+        if check["near_uniform"]:
+            self.services.log(
+                f"    CRAM WARNING: routing in group {check['group']} is near uniform: the new expert gets "
+                f"{check['own_weight']:.2f} of the weight on its own task's images (uniform {check['uniform']:.2f}) "
+                f"although {100 * check['separable']:.0f}% of them lie nearest its centroid; method.sigma="
+                f"{self.cfg.sigma} is too large for these embeddings (median squared-distance gap "
+                f"{check['gap']:.3f}; sigma <= {check['sigma_for_0_9']} gives >= 0.9)")
 
     def end_phase(self, phase: Phase) -> None:
         if phase.name == "warmup":
@@ -160,7 +185,7 @@ class Cram(Method):
         sums, count = self._c_buf.sums()
         count_t = all_reduce_sum(torch.tensor([float(count)]))
         c_buf = (all_reduce_sum(sums.to(self.device)) / count_t.to(self.device).clamp(min=1)).float()
-        group, task = self.task_group[-1], len(self.task_group) - 1
+        group, task = self.task_group[-1], self.current_task
         history = self._group_experts(group)
         ranks = {}
         for key, layer in self.layers.items():
@@ -205,13 +230,20 @@ class Cram(Method):
         self._weights = self.routing_weights(records, groups, self.current_task if train else oracle_task)
 
     def assign_groups(self, records) -> Tensor:
-        """(B,) group of each record from its instruction text alone (argmax cosine; no task id)."""
+        """(B,) group of each record from its instruction text alone (argmax cosine; no task id).
+
+        Under ``routing=batch_mean`` (the authors' code) the batch's mean text embedding picks one group
+        for every record of the batch."""
         if self.groups.num_groups == 0:
             return torch.zeros(len(records), dtype=torch.long)
-        return self.groups.assign(self.encoders.text_embeddings(records))
+        t = self.encoders.text_embeddings(records)
+        if self.cfg.routing == "batch_mean":
+            return self.groups.assign(t.mean(0, keepdim=True)).expand(len(records)).clone()
+        return self.groups.assign(t)
 
-    def routing_weights(self, records, groups: Tensor, task_index: int | None = None) -> Tensor:
-        """(L, B, K) expert weights of a batch given each sample's group."""
+    def routing_weights(self, records, groups: Tensor, task_index=None) -> Tensor:
+        """(L, B, K) expert weights of a batch given each sample's group (``task_index``: oracle routing
+        only, one task or a (B,) per-record task index)."""
         q = self.encoders.image_embeddings(records).to(self.device)
         per_group = {}
         for g in groups.unique().tolist():
@@ -221,12 +253,22 @@ class Cram(Method):
             rows = (groups == g).nonzero(as_tuple=True)[0]
             oracle = None
             if self.cfg.routing == "oracle":
-                own = [experts.index(self.expert_task.index(task_index))] if task_index in self.expert_task else [0]
-                oracle = torch.tensor(own * rows.numel(), device=self.device)
+                oracle = self._oracle_positions(experts, task_index, rows)
             weights = group_layer_weights(q[rows], self.centroids.stacked(experts), self.cfg.sigma,
                                           self.cfg.routing, oracle)
             per_group[g] = (rows, weights, experts)
         return scatter_group_weights(per_group, len(records), len(self.expert_group), self.num_layers)
+
+    def _oracle_positions(self, experts: list[int], task_index, rows: Tensor) -> Tensor:
+        """(B_g,) position within ``experts`` of each row's own task's expert (0 when it has none in the
+        group). ``task_index``: one task for the batch, or a (B,) tensor / list of per-record tasks."""
+        if task_index is None:
+            return torch.zeros(rows.numel(), dtype=torch.long, device=self.device)
+        ids = torch.as_tensor(task_index).reshape(-1)
+        ids = ids.expand(int(rows.max()) + 1) if ids.numel() == 1 else ids
+        own_task = [self.expert_task[k] for k in experts]
+        pos = [own_task.index(t) if t in own_task else 0 for t in ids[rows.cpu()].tolist()]
+        return torch.tensor(pos, dtype=torch.long, device=self.device)
 
     def _update_prototype(self, records) -> None:
         t = self.encoders.text_embeddings(records)
@@ -278,14 +320,21 @@ class Cram(Method):
 
     @torch.no_grad()
     def stream_analysis(self, tasks) -> dict:
-        """Level-1 accuracy: share of each seen task's test records routed to the task's own group."""
+        """Level-1 accuracy (share of each seen task's test records routed to the task's own group) and
+        level 2's result (the weight each task's own expert gets on its own test images; logged)."""
         self.group_accuracy = {}
         for i, task in enumerate(tasks):
             if i < len(self.task_group):
                 assigned = self.assign_groups(list(task.test))
                 self.group_accuracy[task.name] = 100.0 * (assigned == self.task_group[i]).float().mean().item()
+        self.own_weights = own_expert_weights(self, tasks)
+        shared = {t: w["mean"] for t, w in self.own_weights.items() if w["experts_in_group"] > 1}
+        if shared:
+            self.services.log("    CRAM: own expert's weight on own test images: "
+                              + ", ".join(f"{t} {w:.2f}" for t, w in shared.items()))
         return {"groups": self.groups.num_groups, "task_group": dict(zip([t.name for t in tasks], self.task_group)),
-                "group_accuracy": self.group_accuracy,
+                "group_accuracy": self.group_accuracy, "own_expert_weight": self.own_weights,
+                "routing_checks": self.routing_checks,
                 "experts": [dict(r, params=int(r["params"])) for r in rank_summary(self)]}
 
     def report_sections(self):

@@ -196,11 +196,16 @@ def consolidate_buffer(B_buf: Tensor, A_buf: Tensor, scale: float, history_As: l
       1. U S Vh = svd(scale * B_buf A_buf);  2-4. pick directions (:func:`select_expert_directions`);
       5. project kept rows of Vh off span(Q) (history row space) and renormalise;
       6. B = U_S diag(S_S^1/2), A = diag(S_S^1/2) V_S^T.
-    Without history, B @ A is the rank-r truncation of the buffer's update. With history, the rows
-    of A are orthogonal to span(Q). Returns tensors in at least float32, detached.
+    Without history (or with ``tau_novel <= 0``, which disables the capability gap: no filter, no
+    projection), B @ A is the rank-r truncation of the buffer's update. With history, the rows of A are
+    orthogonal to span(Q). Returns tensors in at least float32, detached.
     """
     U, S, Vh = buffer_update_svd(B_buf, A_buf, scale)
     d_in = A_buf.shape[1]
+    if tau_novel <= 0:
+        # the ablation "no capability gap": neither the novelty filter nor the projection off the history
+        # (the authors' code skips both when tau_novel is 0), so the expert is the buffer's plain truncation
+        history_As = []
     Q = history_basis(history_As, tol, dim=d_in).to(device=Vh.device, dtype=Vh.dtype)
     has_history = Q.shape[1] > 0
     nov = novelty(Vh, Q) if has_history else None

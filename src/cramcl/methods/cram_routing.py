@@ -7,10 +7,13 @@ over *all* K experts, zero outside the sample's group, an RBF softmax over the g
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from cramcl.routing.centroid import batch_mean_routing_weights, rbf_routing_weights, uniform_routing_weights
+from cramcl.routing.centroid import (batch_mean_routing_weights, rbf_routing_weights, squared_distances,
+                                    uniform_routing_weights)
 
 
 class CentroidBank(nn.Module):
@@ -59,3 +62,33 @@ def scatter_group_weights(per_group: dict[int, tuple[Tensor, Tensor, list[int]]]
         out = out.index_put((torch.arange(L, device=out.device)[:, None], rows[None, :].to(out.device)),
                             block, accumulate=True)
     return out
+
+
+def routing_check(q: Tensor, centroids: Tensor, own: int, sigma: float) -> dict:
+    """How well one group's centroids route a task's own images to its own expert (CRAM's level 2).
+
+    q: (N, D) image embeddings of the task's samples; centroids: (K, D) of the group's experts at one
+    layer; own: position of the task's expert among the K. Returns plain numbers:
+      own_weight      mean RBF weight on the own expert (1/K = uniform);
+      separable       share of samples whose nearest centroid is the own one (the images tell the experts
+                      apart whatever sigma is);
+      gap             median over samples of (squared distance to the nearest other centroid - to the own);
+      sigma_for_0_9   the largest sigma that gives the own expert weight >= 0.9 at that median gap
+                      (None when the gap is <= 0);
+      near_uniform    the own weight is less than a quarter of the way from uniform to one-hot although
+                      >= 80% of the samples are nearest to their own centroid: sigma is too large for
+                      these embeddings.
+    """
+    K = centroids.shape[0]
+    d2 = squared_distances(q, centroids)  # (N, K)
+    w = rbf_routing_weights(q, centroids, sigma)[:, own]  # (N,)
+    others = torch.cat([d2[:, :own], d2[:, own + 1:]], 1)
+    gap = float((others.min(1).values - d2[:, own]).median()) if K > 1 else float("inf")
+    separable = float((d2.argmin(1) == own).float().mean())
+    own_weight = float(w.mean())
+    sigma_ok = (gap / (2 * math.log(9 * (K - 1)))) ** 0.5 if K > 1 and gap > 0 else None
+    near_uniform = K > 1 and separable >= 0.8 and own_weight - 1 / K < 0.25 * (1 - 1 / K)
+    return {"experts": K, "own_weight": round(own_weight, 4), "uniform": round(1 / K, 4),
+            "separable": round(separable, 4), "gap": round(gap, 4) if K > 1 else None,
+            "sigma": sigma, "sigma_for_0_9": None if sigma_ok is None else round(sigma_ok, 4),
+            "near_uniform": bool(near_uniform)}

@@ -16,7 +16,8 @@ def save_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> tuple[dic
         tensors[f"cram.centroids.{k}"] = c.detach().cpu().contiguous()
     meta["cram"] = {"groups": {k: v for k, v in groups.items() if not torch.is_tensor(v)},
                     "expert_group": method.expert_group, "expert_task": method.expert_task,
-                    "task_group": method.task_group, "consolidation": method.consolidation_log}
+                    "task_group": method.task_group, "consolidation": method.consolidation_log,
+                    "routing_checks": method.routing_checks}
     return tensors, meta
 
 
@@ -33,6 +34,7 @@ def load_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> None:
     method.expert_task = list(info["expert_task"])
     method.task_group = list(info["task_group"])
     method.consolidation_log = list(info["consolidation"])
+    method.routing_checks = list(info.get("routing_checks", []))  # absent in checkpoints of cramcl <= 0.1
 
 
 def rank_summary(method) -> list[dict]:
@@ -44,6 +46,27 @@ def rank_summary(method) -> list[dict]:
                      "rank_min": ranks[0], "rank_median": ranks[len(ranks) // 2], "rank_max": ranks[-1],
                      "params": sum(l.experts_A[k].numel() + l.experts_B[k].numel() for l in method.layers.values())})
     return rows
+
+
+@torch.no_grad()
+def own_expert_weights(method, tasks) -> dict[str, dict]:
+    """Per seen task: the mean routing weight its own expert gets on its own test images, routed exactly as
+    at evaluation (level-1 group from the text, no task id; records sent to another group give 0).
+
+    Returns {task: {"mean": over layers and records, "per_layer": [L floats], "experts_in_group": n}}."""
+    out = {}
+    for i, task in enumerate(tasks):
+        if i not in method.expert_task or not len(task.test):
+            continue
+        k = method.expert_task.index(i)
+        records = list(task.test)
+        oracle = torch.full((len(records),), i) if method.cfg.routing == "oracle" else None
+        w = method.routing_weights(records, method.assign_groups(records), oracle)[:, :, k]  # (L, B)
+        per_layer = w.float().mean(1)
+        out[task.name] = {"mean": round(float(per_layer.mean()), 4),
+                          "per_layer": [round(float(v), 4) for v in per_layer],
+                          "experts_in_group": len(method._group_experts(method.expert_group[k]))}
+    return out
 
 
 def report_sections(method) -> list[tuple[str, str]]:
@@ -62,6 +85,26 @@ def report_sections(method) -> list[tuple[str, str]]:
         acc = ["| task | group accuracy (%) |", "|---|---|"]
         acc += [f"| {t} | {a:.1f} |" for t, a in method.group_accuracy.items()]
         sections.append(("CRAM: level-1 routing accuracy on test records (no task id)", "\n".join(acc)))
+    own = getattr(method, "own_weights", None)
+    if own:
+        rows = ["| task | experts in its group | own expert's mean weight | per layer |", "|---|---|---|---|"]
+        rows += [f"| {t} | {w['experts_in_group']} | {w['mean']:.3f} | "
+                 + " ".join(f"{v:.2f}" for v in w["per_layer"]) + " |" for t, w in own.items()]
+        sections.append(("CRAM: routing weight of each task's own expert on its own test images",
+                         "Routed as at evaluation (group from the instruction, weights from the image; no task "
+                         "id). In a group of n experts, 1/n is uniform mixing and 1 is perfect routing.\n\n"
+                         + "\n".join(rows)))
+    if method.routing_checks:
+        rows = ["| task | group | experts | own weight | uniform | nearest own centroid | sigma | sigma for >= 0.9 "
+                "| warning |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in method.routing_checks:
+            task = method.task_names[c["task"]] if c["task"] < len(method.task_names) else c["task"]
+            rows.append(f"| {task} | {c['group']} | {c['experts']} | {c['own_weight']:.3f} | {c['uniform']:.3f} | "
+                        f"{100 * c['separable']:.0f}% | {c['sigma']} | {c['sigma_for_0_9']} | "
+                        f"{'**near uniform: sigma too large**' if c['near_uniform'] else ''} |")
+        sections.append(("CRAM: routing check at the start of each stable phase in a shared group",
+                         "The new expert's centroids (at c_buf) on the task's own training images, before the "
+                         "stable phase trains them.\n\n" + "\n".join(rows)))
     return sections
 
 
