@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--method", help="method name (default: cram)")
         sp.add_argument("--profile", choices=["quick", "default"], help="quick: ~1 min smoke run; default: the demo")
         sp.add_argument("--out", help="run directory (default: runs/<method>-<profile>)")
+        sp.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: one run per seed in OUT/seed_<s>/ "
+                        "and a mean +- std summary")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 method.rank=8")
 
     r = sub.add_parser("run", help="train a method on a stream, evaluating after every task")
@@ -67,6 +69,13 @@ def _cmd_run(args) -> int:
         cfg = resolve_config(method=args.method, profile=args.profile, config_file=args.config,
                              benchmark=args.benchmark, overrides=args.overrides)
     out = Path(args.out or f"runs/{cfg.method}-{cfg.profile}")
+    if args.seeds:
+        from cramcl.engine.seeds import parse_seeds, run_seeds
+
+        summary = run_seeds(cfg, out, parse_seeds(args.seeds), resume=args.resume)
+        print(f"done: {out}/summary.md")
+        print(json.dumps({m: [s["mean"], s["std"]] for m, s in summary["metrics"].items()}))
+        return 0
     matrix = run_stream(cfg, out, resume=args.resume)
     print(f"done: {out}/report.md")
     from cramcl.eval.metrics import continual_metrics
@@ -80,8 +89,11 @@ def _cmd_compare(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out or "runs/compare")
+    from cramcl.engine.seeds import parse_seeds
+
+    seeds = parse_seeds(args.seeds) if args.seeds else None
     run_compare(methods, out, profile=args.profile, config_file=args.config, benchmark=args.benchmark,
-                overrides=args.overrides)
+                overrides=args.overrides, seeds=seeds)
     print(f"done: {out}/compare.md")
     return 0
 
@@ -97,7 +109,7 @@ def _cmd_eval(args) -> int:
         if unknown:
             raise BadInputError([f"--tasks: unknown task '{t}'" for t in unknown])
         tasks = [t for t in tasks if t.name in args.tasks]
-    scores = evaluate_tasks(session, tasks, Path(args.run) / "results" / "eval" / f"after_{after}")
+    scores = evaluate_tasks(session, tasks, Path(args.run) / "results" / "eval" / f"after_{after}", after)
     for name, score in scores.items():
         print(f"{name}\t{score:.2f}")
     return 0

@@ -46,6 +46,7 @@ class BackboneConfig:
     base_steps: int = 300  # the base stage that makes the frozen "pretrained" MLLM
     base_batch_size: int = 64
     base_lr: float = 2.0e-3
+    base_seed: int = 0  # the base stage's own seed: `seed` (and --seeds) vary the continual part, not the base
     max_new_tokens: int = 12
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # hf only: a local transformers image-text-to-text model ($VARS and ~ expanded; nothing is downloaded)
@@ -69,6 +70,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
     eval_batch_size: int = 128
+    # mixed: each evaluation shuffles the union of the seen tasks' test records (seeded) so that batches mix
+    # tasks, as a deployed model's inputs do; per_task: one task at a time
+    eval_batches: str = "mixed"
     log_every: int = 10
 
 
@@ -281,7 +285,23 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
     if benchmark:
         cfg.data.benchmark = str(Path(benchmark).resolve())
     cfg.method_args = dataclasses.asdict(method_cfg)
+    check_choices(cfg, "settings")
     return cfg
+
+
+CHOICES = {("train", "scheduler"): ("cosine", "constant"), ("train", "eval_batches"): ("mixed", "per_task"),
+           ("train", "mixed_precision"): ("no", "bf16", "fp16")}
+
+
+def check_choices(cfg: RunConfig, where: str) -> None:
+    """Settings that take one of a few names: anything else is bad input naming the valid ones."""
+    problems = []
+    for (section, key), valid in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in valid:
+            problems.append(f"{where}: {section}.{key}: '{value}' is not one of {', '.join(valid)}")
+    if problems:
+        raise BadInputError(problems)
 
 
 def config_from_dict(data: dict) -> RunConfig:
@@ -295,4 +315,5 @@ def config_from_dict(data: dict) -> RunConfig:
     method_cfg = method_config_class(cfg.method)()
     update_dataclass(method_cfg, method_args, "config.yaml: method_args")
     cfg.method_args = dataclasses.asdict(method_cfg)
+    check_choices(cfg, "config.yaml")
     return cfg

@@ -13,7 +13,8 @@ def build_backbone(run_cfg, bench, log=print):
 
         texts = [r.question for t in bench.tasks for r in (*t.train, *t.test)]
         texts += [r.answer for t in bench.tasks for r in t.train]
-        return TinyBackbone(cfg, texts, base_corpus(bench, run_cfg.data), run_cfg.seed, log=log)
+        # the base stage stands for a pretrained MLLM: its seed is its own, so runs with other seeds share one base
+        return TinyBackbone(cfg, texts, base_corpus(bench, run_cfg.data), cfg.base_seed, log=log)
     if cfg.name == "hf":
         from cramcl.backbones.hf import HFBackbone, HFOptions
 

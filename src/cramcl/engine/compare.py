@@ -12,6 +12,7 @@ from cramcl.engine.checkpoint import write_json_atomic
 from cramcl.errors import BadInputError
 
 COLUMNS = ("MFT", "MFN", "MAA", "BWT", "forgetting")
+OLD_DATA_METHODS = ("replay", "mtl")  # train on earlier tasks' records (mtl: all jointly)
 
 
 def _finished(run: Path) -> bool:
@@ -19,47 +20,83 @@ def _finished(run: Path) -> bool:
     return metrics.exists() and json.loads(metrics.read_text()).get("complete", False)
 
 
-def run_compare(methods: list[str], out: Path, *, profile=None, config_file=None, benchmark=None, overrides=(),
-                log=print) -> dict:
-    from cramcl.config import resolve_config
+def run_or_resume(cfg, run: Path, label: str, log=print) -> None:
+    """Reuse a finished run directory, resume an interrupted one, or start ``cfg`` in it."""
     from cramcl.engine.runner import run_stream
+
+    if _finished(run):
+        log(f"== {label}: finished earlier, reusing {run}")
+        return
+    resume = (run / "config.yaml").exists()
+    log(f"== {label}: {'resuming' if resume else 'running'} in {run}")
+    run_stream(None if resume else cfg, run, resume=resume, log=log)
+
+
+def run_compare(methods: list[str], out: Path, *, profile=None, config_file=None, benchmark=None, overrides=(),
+                seeds: list[int] | None = None, log=print) -> dict:
+    """Every method on the same stream and budget, in ``OUT/<method>/`` (with ``seeds``:
+    ``OUT/<method>/seed_<s>/`` per seed, summarised as mean +- std)."""
+    import dataclasses
+
+    from cramcl.config import resolve_config
+    from cramcl.engine.seeds import seed_dir
 
     if not methods:
         raise BadInputError("--methods: give at least one method")
+    if len(set(methods)) != len(methods):
+        raise BadInputError(f"--methods: a method is repeated in {','.join(methods)}")
     # resolve every config first: a typo in any method's settings fails before hours of training
     configs = {m: resolve_config(method=m, profile=profile, config_file=config_file, benchmark=benchmark,
                                  overrides=list(overrides)) for m in methods}
     for method, cfg in configs.items():
-        run = out / method
-        if _finished(run):
-            log(f"== {method}: finished earlier, reusing {run}")
+        if seeds is None:
+            run_or_resume(cfg, out / method, method, log)
             continue
-        resume = (run / "config.yaml").exists()
-        log(f"== {method}: {'resuming' if resume else 'running'} in {run}")
-        run_stream(None if resume else cfg, run, resume=resume, log=log)
-    return write_comparison(out, methods)
+        for seed in seeds:
+            run_or_resume(dataclasses.replace(cfg, seed=seed), seed_dir(out / method, seed), f"{method} seed {seed}", log)
+    return write_comparison(out, methods, seeds)
 
 
-def write_comparison(out: Path, methods: list[str]) -> dict:
+def _method_row(method: str, run: Path) -> tuple[dict, list]:
+    matrix = json.loads((run / "results" / "matrix.json").read_text())
+    metrics = json.loads((run / "results" / "metrics.json").read_text())
+    last = max((t for t, row in enumerate(matrix["scores"]) if any(v is not None for v in row)), default=0)
+    row = {"method": method, **{c: metrics.get(c) for c in COLUMNS},
+           "stored_params": metrics["params"]["stored_total"],
+           "active_params": metrics["params"]["active_per_sample"],
+           "train_s": metrics["time_s"]["train_total"], "eval_s": metrics["time_s"]["eval_total"],
+           "uses_task_id_at_eval": metrics.get("uses_task_id_at_eval", False),
+           "uses_old_data": method in OLD_DATA_METHODS,
+           "final_row": matrix["scores"][last]}
+    return row, matrix
+
+
+def write_comparison(out: Path, methods: list[str], seeds: list[int] | None = None) -> dict:
+    from cramcl.engine.seeds import seed_dir, summarise_runs, write_seed_summary
     from cramcl.report.compare_plots import plot_final_rows, plot_heatmap_grid, plot_mfn_vs_params
 
     rows, matrices, tasks = [], {}, None
     for method in methods:
-        matrix = json.loads((out / method / "results" / "matrix.json").read_text())
-        metrics = json.loads((out / method / "results" / "metrics.json").read_text())
+        first = out / method if seeds is None else seed_dir(out / method, seeds[0])
+        row, matrix = _method_row(method, first)
+        if seeds is not None:
+            runs = {s: seed_dir(out / method, s) for s in seeds}
+            summary = write_seed_summary(out / method, runs, method)
+            per_seed = [_method_row(method, r)[0] for r in runs.values()]
+            row.update({c: summary["metrics"][c]["mean"] for c in COLUMNS})
+            row["std"] = {c: summary["metrics"][c]["std"] for c in COLUMNS}
+            row["final_row"] = [summary["final_row"][t]["mean"] for t in summary["tasks"]]
+            row["final_row_std"] = [summary["final_row"][t]["std"] for t in summary["tasks"]]
+            row["train_s"] = sum(r["train_s"] for r in per_seed) / len(per_seed)
+            row["eval_s"] = sum(r["eval_s"] for r in per_seed) / len(per_seed)
+            row["seeds"] = list(seeds)
         if tasks is None:
             tasks = matrix["tasks"]
         elif matrix["tasks"] != tasks:
             raise BadInputError(f"{out / method}: its tasks {matrix['tasks']} differ from {tasks}")
-        last = max((t for t, row in enumerate(matrix["scores"]) if any(v is not None for v in row)), default=0)
-        rows.append({"method": method, **{c: metrics.get(c) for c in COLUMNS},
-                     "stored_params": metrics["params"]["stored_total"],
-                     "active_params": metrics["params"]["active_per_sample"],
-                     "train_s": metrics["time_s"]["train_total"], "eval_s": metrics["time_s"]["eval_total"],
-                     "uses_task_id_at_eval": metrics.get("uses_task_id_at_eval", False),
-                     "final_row": matrix["scores"][last]})
+        rows.append(row)
         matrices[method] = matrix["scores"]
-    result = {"tasks": tasks, "methods": rows}
+    result = {"tasks": tasks, "methods": rows, "seeds": seeds}
     write_json_atomic(out / "compare.json", result)
     plot_mfn_vs_params(rows, out / "mfn_vs_params.png")
     plot_final_rows(tasks, rows, out / "final_rows.png")
@@ -72,14 +109,24 @@ def format_comparison(result: dict) -> str:
     def f(v, d=2):
         return "–" if v is None else f"{v:.{d}f}"
 
-    lines = ["# Comparison", "", f"Tasks: {', '.join(result['tasks'])}", "",
-             "| method | MFT | MFN | MAA | BWT | forgetting | stored params | active params | train s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    def cell(r, c):
+        if r.get("std") is None or r[c] is None:
+            return f(r[c])
+        return f"{r[c]:.1f} ± {r['std'][c]:.1f}"
+
+    seeds = result.get("seeds")
+    head = [f"Tasks: {', '.join(result['tasks'])}", ""]
+    if seeds:
+        head += [f"Seeds: {', '.join(map(str, seeds))}; each cell is the mean ± sample std over them, the heatmaps "
+                 f"show seed {seeds[0]}. A difference smaller than the spread is noise.", ""]
+    lines = ["# Comparison", "", *head,
+             "| method | MFT | MFN | MAA | BWT | forgetting | stored params | active params | uses old data | "
+             "uses task id | train s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["methods"], key=lambda r: -(r["MFN"] if r["MFN"] is not None else -1e9)):
-        name = r["method"] + (" (uses task id)" if r["uses_task_id_at_eval"] else "")
-        lines.append(f"| {name} | {f(r['MFT'])} | {f(r['MFN'])} | {f(r['MAA'])} | {f(r['BWT'])} | "
-                     f"{f(r['forgetting'])} | {r['stored_params']:,} | {r['active_params']:,} | "
-                     f"{f(r['train_s'], 1)} | {f(r['eval_s'], 1)} |")
+        lines.append(f"| {r['method']} | " + " | ".join(cell(r, c) for c in COLUMNS)
+                     + f" | {r['stored_params']:,} | {r['active_params']:,} | {'yes' if r.get('uses_old_data') else 'no'} | "
+                     f"{'**yes**' if r['uses_task_id_at_eval'] else 'no'} | {f(r['train_s'], 1)} | {f(r['eval_s'], 1)} |")
     lines += ["", "![MFN vs parameters](mfn_vs_params.png)", "", "![final rows](final_rows.png)", "",
               "![heatmaps](heatmaps.png)", ""]
     return "\n".join(lines)

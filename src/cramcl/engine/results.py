@@ -22,6 +22,8 @@ def metrics_json(cfg, method, state: dict, partial: bool) -> dict:
         "time_s": {"train_per_task": [round(t, 2) for t in done_train], "eval_per_task": [round(t, 2) for t in done_eval],
                    "train_total": round(sum(done_train), 2), "eval_total": round(sum(done_eval), 2)},
         "uses_task_id_at_eval": method.uses_task_id_at_eval,
+        "seed": cfg.seed,
+        "eval_batches": cfg.train.eval_batches,  # mixed: test batches mixed the seen tasks; per_task: one at a time
         "complete": not partial,
     })
     return metrics

@@ -35,17 +35,38 @@ def prepare_run_dir(cfg: RunConfig | None, out: Path, resume: bool) -> RunConfig
     return cfg
 
 
-def evaluate_tasks(session, tasks, pred_dir: Path) -> dict[str, float]:
-    """Score the session's method on each task's test records (no task id), writing predictions."""
+def mixed_order(n: int, seed: int, after_task: int) -> list[int]:
+    """The seeded shuffle of ``n`` test records that mixed-task evaluation feeds in batches."""
+    g = torch.Generator().manual_seed(_task_seed(seed, after_task) + 7919)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def evaluate_tasks(session, tasks, pred_dir: Path, after_task: int = 0) -> dict[str, float]:
+    """Score the session's method on each task's test records (no task id), writing predictions.
+
+    ``train.eval_batches``: ``mixed`` (default) shuffles the union of the tasks' test records with a
+    seeded permutation, so batches mix tasks as a deployed model's inputs do, and scores each task
+    afterwards; ``per_task`` evaluates one task at a time."""
     from cramcl.eval.evaluate import predict, score_records, write_jsonl_atomic
 
-    scores = {}
     stream = session.bench.task_names()
+    bs = session.cfg.train.eval_batch_size
+    run = lambda records, ids, desc: predict(session.accelerator, session.backbone, session.method, records, bs,
+                                             desc=desc, task_ids=ids)
+    if session.cfg.train.eval_batches == "per_task":
+        preds = {t.name: run(list(t.test), [stream.index(t.name)] * len(t.test), f"eval {t.name}") for t in tasks}
+    else:
+        union = [(t.name, stream.index(t.name), r) for t in tasks for r in t.test]
+        order = mixed_order(len(union), session.cfg.seed, after_task)
+        shuffled = run([union[i][2] for i in order], [union[i][1] for i in order], f"eval {len(tasks)} tasks mixed")
+        by_position = dict(zip(order, shuffled))
+        flat = [by_position[i] for i in range(len(union))]
+        preds, start = {}, 0
+        for t in tasks:
+            preds[t.name], start = flat[start:start + len(t.test)], start + len(t.test)
+    scores = {}
     for task in tasks:
-        preds = predict(session.accelerator, session.backbone, session.method, list(task.test),
-                        session.cfg.train.eval_batch_size, desc=f"eval {task.name}",
-                        task_index=stream.index(task.name))
-        score, rows = score_records(task.scorer, list(task.test), preds)
+        score, rows = score_records(task.scorer, list(task.test), preds[task.name])
         scores[task.name] = round(float(score), 4)
         if session.accelerator.is_main_process:
             write_jsonl_atomic(pred_dir / f"{task.name}.jsonl", rows)
@@ -102,7 +123,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         state["trainable_per_task"][t] = result.trained_params
 
         t_eval = time.perf_counter()
-        scores = evaluate_tasks(session, tasks[: t + 1], out / "results" / "predictions" / f"after_{t}")
+        scores = evaluate_tasks(session, tasks[: t + 1], out / "results" / "predictions" / f"after_{t}", t)
         for i in range(t + 1):
             state["scores"][t][i] = scores[names[i]]
         state["time_eval"][t] = time.perf_counter() - t_eval

@@ -19,10 +19,11 @@ from cramcl.eval.scorers import score_task
 
 @torch.no_grad()
 def predict(accelerator, backbone, method, records, batch_size: int, desc: str = "eval",
-            task_index: int | None = None) -> list[str]:
+            task_ids: list[int] | None = None) -> list[str]:
     """Predictions for ``records`` in their order (sharded over processes, gathered, count checked).
 
-    ``task_index`` reaches the method only if it declares ``uses_task_id_at_eval`` (oracle bounds)."""
+    ``task_ids`` (one stream index per record) reach the method, as ``batch["task_index"]`` (B,), only if
+    it declares ``uses_task_id_at_eval`` (oracle bounds)."""
     model = accelerator.unwrap_model(backbone.model)
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -34,7 +35,9 @@ def predict(accelerator, backbone, method, records, batch_size: int, desc: str =
         batch = backbone.collate([records[i] for i in idx], train=False)
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if method.uses_task_id_at_eval:
-            batch["task_index"] = task_index
+            if task_ids is None:
+                raise RuntimeError(f"{type(method).__name__} routes by the task id: predict() needs task_ids")
+            batch["task_index"] = torch.tensor([task_ids[i] for i in idx], device=accelerator.device)
         method.prepare_batch(batch, train=False)
         local.extend(zip(idx, backbone.generate(model, batch)))
     gathered = gather_object(local) if world > 1 else local

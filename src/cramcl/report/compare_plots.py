@@ -17,7 +17,8 @@ def plot_mfn_vs_params(rows: list[dict], path: Path) -> Path:
         if r["MFN"] is None:
             continue
         x = max(1, r["stored_params"])
-        ax.scatter([x], [r["MFN"]], s=40)
+        std = (r.get("std") or {}).get("MFN")
+        ax.errorbar([x], [r["MFN"]], yerr=None if std is None else [std], fmt="o", capsize=3)
         ax.annotate(r["method"], (x, r["MFN"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("stored adapter parameters (log)")
@@ -28,14 +29,17 @@ def plot_mfn_vs_params(rows: list[dict], path: Path) -> Path:
 
 
 def plot_final_rows(tasks: list[str], rows: list[dict], path: Path) -> Path:
-    """Grouped bars: per task, each method's score after the last task."""
+    """Grouped bars: per task, each method's score after the last task (+- std over seeds when a row has
+    ``final_row_std``)."""
     fig = Figure(figsize=(max(7.0, 1.1 * len(tasks) + 3), 4.5))
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(rows))
     x = np.arange(len(tasks))
     for j, r in enumerate(rows):
         final = [np.nan if v is None else v for v in r["final_row"]]
-        ax.bar(x + j * width - 0.4 + width / 2, final, width, label=r["method"])
+        std = r.get("final_row_std")  # over seeds: drawn as error bars
+        err = None if std is None else [0.0 if v is None else v for v in std]
+        ax.bar(x + j * width - 0.4 + width / 2, final, width, yerr=err, capsize=2 if err else 0, label=r["method"])
     ax.set_xticks(x, labels=tasks, rotation=30, ha="right")
     ax.set_ylabel("score after the last task")
     ax.legend(fontsize=7, ncol=2)
