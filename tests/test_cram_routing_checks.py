@@ -74,6 +74,9 @@ def test_near_uniform_routing_is_warned_about_and_reported(tmp_path, warm_cache)
     assert check["task"] == 2 and check["experts"] == 2 and check["near_uniform"]
     assert check["own_weight"] < 0.625 and check["separable"] >= 0.8
     assert any("CRAM WARNING: routing in group 0 is near uniform" in line for line in log.lines)
+    # and before any training, from the setting alone: sigma 2 on unit vectors cannot exceed 0.62 / 0.38
+    assert any("method.sigma=2.0 on unit-norm routing embeddings cannot route" in line and "0.62/0.38" in line
+               for line in log.lines)
     text = "\n".join(body for _, body in report_sections(s.method))
     assert "near uniform: sigma too large" in text
 

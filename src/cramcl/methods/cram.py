@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods.cram_math import consolidate_buffer, gated_orthogonality_penalty, orth_history_basis
-from cramcl.methods.cram_routing import CentroidBank, group_layer_weights, routing_check, scatter_group_weights
+from cramcl.methods.cram_routing import (CentroidBank, best_two_expert_weight, group_layer_weights, routing_check,
+                                        scatter_group_weights)
 from cramcl.routing.centroid import CentroidAccumulator
 from cramcl.routing.groups import InstructionGroups
 from cramcl.errors import BadInputError
@@ -77,6 +78,11 @@ class Cram(Method):
         super().setup(services)
         self.encoders = RoutingEncoders.from_config(services.backbone, self.cfg)
         self.num_layers = services.backbone.num_layers
+        if self.cfg.normalize_embeddings and best_two_expert_weight(self.cfg.sigma) < 0.9:
+            services.log(f"    CRAM WARNING: method.sigma={self.cfg.sigma} on unit-norm routing embeddings cannot route: "
+                         f"two experts' weights are never further apart than "
+                         f"{best_two_expert_weight(self.cfg.sigma):.2f}/{1 - best_two_expert_weight(self.cfg.sigma):.2f} "
+                         "(the paper's sigma 2 is for unnormalised CLIP features; see docs/routing-scale.md)")
         self.context.route = lambda layer, x: self._weights[layer.layer_index] if self._weights is not None else None
         self._weights: Tensor | None = None
 

@@ -92,3 +92,9 @@ def routing_check(q: Tensor, centroids: Tensor, own: int, sigma: float) -> dict:
             "separable": round(separable, 4), "gap": round(gap, 4) if K > 1 else None,
             "sigma": sigma, "sigma_for_0_9": None if sigma_ok is None else round(sigma_ok, 4),
             "near_uniform": bool(near_uniform)}
+
+
+def best_two_expert_weight(sigma: float, max_sq_distance: float = 4.0) -> float:
+    """The most one of two experts can get: softmax over squared distances that differ by at most
+    ``max_sq_distance`` (4 for unit vectors: antipodal points). sigma 2 on unit vectors -> 0.62."""
+    return 1.0 / (1.0 + math.exp(-max_sq_distance / (2.0 * sigma ** 2)))
