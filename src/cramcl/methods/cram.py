@@ -1,4 +1,4 @@
-"""CRAM: Centroid-Routing and Adaptive MoE (arXiv 2606.02502), as specified in shared/spec/CRAM.md.
+"""CRAM: Centroid-Routing and Adaptive MoE (arXiv 2606.02502), as described in docs/cram.md.
 
 Per task: level-1 decides the task's instruction group from the mean text embedding of its first samples;
 a buffer LoRA trains alone during warm-up while c_buf averages the task's image embeddings; at the end of

@@ -1,4 +1,4 @@
-"""SAME: Stabilized Mixture-of-Experts (Xie et al., arXiv 2602.01990), as specified in shared/spec/PEERS.md.
+"""SAME: Stabilized Mixture-of-Experts (Xie et al., arXiv 2602.01990).
 
 LoRA experts on the FFN (gate/up/down), one rank-8 expert per task, and a bias-free linear router per
 adapted linear whose rows grow by one per task. Training: every sample of a batch gets the same weights
