@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from conftest import LogSink, quick_config
 
@@ -116,14 +117,30 @@ def test_compare_with_seeds_reports_mean_and_spread(tmp_path, warm_cache):
     from cramcl.engine.compare import run_compare
 
     out = tmp_path / "cmp"
-    result = run_compare(["lora-ft", "zero-shot"], out, profile="quick", overrides=SEED_RUN, seeds=[0, 1],
+    result = run_compare(["lora-ft:rank=4", "zero-shot"], out, profile="quick", overrides=SEED_RUN, seeds=[0, 1],
                          log=LogSink())
     assert result["seeds"] == [0, 1]
+    assert [r["method"] for r in result["methods"]] == ["lora-ft:rank=4", "zero-shot"]
+    saved = yaml.safe_load((out / "lora-ft+rank=4" / "seed_1" / "config.yaml").read_text())
+    assert saved["method"] == "lora-ft" and saved["method_args"]["rank"] == 4 and saved["seed"] == 1
     for row in result["methods"]:
-        assert (out / row["method"] / "seed_1" / "results" / "matrix.json").exists()
+        assert (out / row["method"].replace(":", "+") / "seed_1" / "results" / "matrix.json").exists()
         assert set(row["std"]) == {"MFT", "MFN", "MAA", "BWT", "forgetting"}
         assert len(row["final_row_std"]) == 3
     zero = next(r for r in result["methods"] if r["method"] == "zero-shot")
     assert zero["std"]["MFN"] == 0.0  # the frozen base does not depend on the seed
     text = (out / "compare.md").read_text()
     assert "Seeds: 0, 1" in text and "±" in text and "uses old data" in text
+
+
+def test_method_variants_parse_into_method_settings():
+    from cramcl.engine.compare import parse_variant, variant_dir
+    from cramcl.errors import BadInputError
+
+    assert parse_variant("cram") == ("cram", [])
+    assert parse_variant("cram:routing=oracle:lambda_orth=0") == ("cram", ["method.routing=oracle",
+                                                                          "method.lambda_orth=0"])
+    assert variant_dir("cram:routing=oracle") == "cram+routing=oracle"
+    for bad in ("cram:routing", ":x=1", "cram:=1"):
+        with pytest.raises(BadInputError, match="--methods"):
+            parse_variant(bad)

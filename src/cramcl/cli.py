@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="a YAML file of settings (see configs/)")
         sp.add_argument("--benchmark", help="a benchmark YAML (default: the built-in stream)")
         if methods_flag:
-            sp.add_argument("--methods", required=True, help="comma-separated method names")
+            sp.add_argument("--methods", required=True, help="comma-separated method names or variants "
+                            "NAME:key=value[:key=value], e.g. cram,cram:routing=oracle,lora-ft")
         else:
             sp.add_argument("--method", help="method name (default: cram)")
         sp.add_argument("--profile", choices=["quick", "default"], help="quick: ~1 min smoke run; default: the demo")

@@ -32,10 +32,25 @@ def run_or_resume(cfg, run: Path, label: str, log=print) -> None:
     run_stream(None if resume else cfg, run, resume=resume, log=log)
 
 
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``"cram:routing=oracle:lambda_orth=0"`` -> ("cram", ["method.routing=oracle", "method.lambda_orth=0"]):
+    a method with some of its settings changed, compared beside the others under that spec as its name."""
+    name, *pairs = spec.split(":")
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
+    if not name or bad:
+        raise BadInputError(f"--methods: '{spec}' is not NAME or NAME:key=value[:key=value...]")
+    return name, [f"method.{p}" for p in pairs]
+
+
+def variant_dir(spec: str) -> str:
+    """The run directory name of a method spec (``cram:routing=oracle`` -> ``cram+routing=oracle``)."""
+    return spec.replace(":", "+").replace("/", "_")
+
+
 def run_compare(methods: list[str], out: Path, *, profile=None, config_file=None, benchmark=None, overrides=(),
                 seeds: list[int] | None = None, log=print) -> dict:
-    """Every method on the same stream and budget, in ``OUT/<method>/`` (with ``seeds``:
-    ``OUT/<method>/seed_<s>/`` per seed, summarised as mean +- std)."""
+    """Every method (or variant ``NAME:key=value``) on the same stream and budget, in ``OUT/<method>/``
+    (with ``seeds``: ``OUT/<method>/seed_<s>/`` per seed, summarised as mean +- std)."""
     import dataclasses
 
     from cramcl.config import resolve_config
@@ -46,18 +61,23 @@ def run_compare(methods: list[str], out: Path, *, profile=None, config_file=None
     if len(set(methods)) != len(methods):
         raise BadInputError(f"--methods: a method is repeated in {','.join(methods)}")
     # resolve every config first: a typo in any method's settings fails before hours of training
-    configs = {m: resolve_config(method=m, profile=profile, config_file=config_file, benchmark=benchmark,
-                                 overrides=list(overrides)) for m in methods}
-    for method, cfg in configs.items():
+    configs = {}
+    for spec in methods:
+        name, settings = parse_variant(spec)
+        configs[spec] = resolve_config(method=name, profile=profile, config_file=config_file, benchmark=benchmark,
+                                       overrides=[*overrides, *settings])
+    for spec, cfg in configs.items():
+        run = out / variant_dir(spec)
         if seeds is None:
-            run_or_resume(cfg, out / method, method, log)
+            run_or_resume(cfg, run, spec, log)
             continue
         for seed in seeds:
-            run_or_resume(dataclasses.replace(cfg, seed=seed), seed_dir(out / method, seed), f"{method} seed {seed}", log)
+            run_or_resume(dataclasses.replace(cfg, seed=seed), seed_dir(run, seed), f"{spec} seed {seed}", log)
     return write_comparison(out, methods, seeds)
 
 
 def _method_row(method: str, run: Path) -> tuple[dict, list]:
+    """One comparison row (``method``: the spec it was run under) from a finished run directory."""
     matrix = json.loads((run / "results" / "matrix.json").read_text())
     metrics = json.loads((run / "results" / "metrics.json").read_text())
     last = max((t for t, row in enumerate(matrix["scores"]) if any(v is not None for v in row)), default=0)
@@ -66,7 +86,7 @@ def _method_row(method: str, run: Path) -> tuple[dict, list]:
            "active_params": metrics["params"]["active_per_sample"],
            "train_s": metrics["time_s"]["train_total"], "eval_s": metrics["time_s"]["eval_total"],
            "uses_task_id_at_eval": metrics.get("uses_task_id_at_eval", False),
-           "uses_old_data": method in OLD_DATA_METHODS,
+           "uses_old_data": matrix["method"] in OLD_DATA_METHODS,
            "final_row": matrix["scores"][last]}
     return row, matrix
 
@@ -77,11 +97,12 @@ def write_comparison(out: Path, methods: list[str], seeds: list[int] | None = No
 
     rows, matrices, tasks = [], {}, None
     for method in methods:
-        first = out / method if seeds is None else seed_dir(out / method, seeds[0])
+        run = out / variant_dir(method)
+        first = run if seeds is None else seed_dir(run, seeds[0])
         row, matrix = _method_row(method, first)
         if seeds is not None:
-            runs = {s: seed_dir(out / method, s) for s in seeds}
-            summary = write_seed_summary(out / method, runs, method)
+            runs = {s: seed_dir(run, s) for s in seeds}
+            summary = write_seed_summary(run, runs, method)
             per_seed = [_method_row(method, r)[0] for r in runs.values()]
             row.update({c: summary["metrics"][c]["mean"] for c in COLUMNS})
             row["std"] = {c: summary["metrics"][c]["std"] for c in COLUMNS}
@@ -93,7 +114,7 @@ def write_comparison(out: Path, methods: list[str], seeds: list[int] | None = No
         if tasks is None:
             tasks = matrix["tasks"]
         elif matrix["tasks"] != tasks:
-            raise BadInputError(f"{out / method}: its tasks {matrix['tasks']} differ from {tasks}")
+            raise BadInputError(f"{run}: its tasks {matrix['tasks']} differ from {tasks}")
         rows.append(row)
         matrices[method] = matrix["scores"]
     result = {"tasks": tasks, "methods": rows, "seeds": seeds}
