@@ -105,7 +105,8 @@ def test_checkpoints_are_safetensors_and_json_only(finished_run):
     assert sorted(p.name for p in root.iterdir()) == ["task_0", "task_1", "task_2"]
     for t in range(3):
         ckpt = root / f"task_{t}"
-        assert sorted(p.name for p in ckpt.iterdir()) == ["method.json", "method.safetensors", "runner.json"]
+        assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "method.json", "method.safetensors",
+                                                          "runner.json"]
         tensors = load_file(str(ckpt / "method.safetensors"))
         assert len(tensors) == 4 * 4 * 2  # layers x projections x (A, B)
         assert tensors["layers.3.o_proj.expert.0.A"].shape == (8, 256)

@@ -7,7 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from cramcl.errors import BadInputError
+from cramcl.errors import BadInputError, TrainingFault
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train a method on a stream, evaluating after every task")
     run_args(r, methods_flag=False)
-    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (settings given "
+                   "with it must not change the saved run)")
+    r.add_argument("--force", action="store_true", help="with --resume: accept changes that cannot alter computed "
+                   "results (train.eval_batch_size, train.log_every)")
 
     c = sub.add_parser("compare", help="several methods on the same stream, seed and budget")
     run_args(c, methods_flag=True)
@@ -62,10 +65,15 @@ def _cmd_run(args) -> int:
     from cramcl.config import resolve_config
     from cramcl.engine.runner import run_stream
 
+    asked = None
+    if args.force and not args.resume:
+        raise BadInputError("--force only applies with --resume")
     if args.resume:
         if not args.out:
             raise BadInputError("--resume needs --out DIR (the run to continue)")
         cfg = None
+        asked = {"method": args.method, "profile": args.profile, "config_file": args.config,
+                 "benchmark": args.benchmark, "overrides": args.overrides}
     else:
         cfg = resolve_config(method=args.method, profile=args.profile, config_file=args.config,
                              benchmark=args.benchmark, overrides=args.overrides)
@@ -73,11 +81,11 @@ def _cmd_run(args) -> int:
     if args.seeds:
         from cramcl.engine.seeds import parse_seeds, run_seeds
 
-        summary = run_seeds(cfg, out, parse_seeds(args.seeds), resume=args.resume)
+        summary = run_seeds(cfg, out, parse_seeds(args.seeds), resume=args.resume, asked=asked, force=args.force)
         print(f"done: {out}/summary.md")
         print(json.dumps({m: [s["mean"], s["std"]] for m, s in summary["metrics"].items()}))
         return 0
-    matrix = run_stream(cfg, out, resume=args.resume)
+    matrix = run_stream(cfg, out, resume=args.resume, asked=asked, force=args.force)
     print(f"done: {out}/report.md")
     from cramcl.eval.metrics import continual_metrics
 
@@ -172,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"cramcl: error: {problem}", file=sys.stderr)
         return 2
+    except TrainingFault as e:
+        print(f"cramcl: training fault: {e}", file=sys.stderr)
+        if args.command == "run" and getattr(args, "out", None):
+            print(f"cramcl: the last good checkpoint stays the resume point: cramcl run --resume --out {args.out}",
+                  file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cramcl: interrupted; continue with `cramcl run --resume --out DIR`", file=sys.stderr)
         return 130

@@ -68,6 +68,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"  # cosine | constant
     grad_clip: float = 1.0
+    # a NaN/infinite loss or gradient: stop (exit 1, nothing non-finite is checkpointed) or skip that optimizer
+    # step (counted in metrics.json as skipped_steps) for runs with occasional spikes
+    nonfinite: str = "stop"
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
     eval_batch_size: int = 128
     # mixed: each evaluation shuffles the union of the seen tasks' test records (seeded) so that batches mix
@@ -290,6 +293,7 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
 
 
 CHOICES = {("train", "scheduler"): ("cosine", "constant"), ("train", "eval_batches"): ("mixed", "per_task"),
+           ("train", "nonfinite"): ("stop", "skip"),
            ("train", "mixed_precision"): ("no", "bf16", "fp16")}
 
 

@@ -12,3 +12,9 @@ class BadInputError(Exception):
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class TrainingFault(Exception):
+    """Training went wrong in a way no input check could foresee (a NaN or infinite loss, gradient or
+    weight). Exit 1 with one line naming the task, the step and what was not finite; no checkpoint holding
+    the fault is written, so the last good one stays the resume point."""

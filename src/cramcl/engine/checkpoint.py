@@ -1,12 +1,15 @@
-"""Atomic files: a checkpoint directory or a JSON file appears whole or not at all.
+"""Atomic, self-checking files: a checkpoint directory or a JSON file appears whole or not at all.
 
 A finished task's checkpoint is ``checkpoints/task_<t>/`` with ``method.safetensors`` (every tensor of the
-method: adapters, centroids, prototypes...), ``method.json`` (its metadata) and ``runner.json`` (matrix so
-far, times, parameter counts). It is written into a temporary sibling and renamed, so an interrupted run
-leaves either the previous checkpoint or the new one.
+method: adapters, centroids, prototypes...), ``method.json`` (its metadata), ``runner.json`` (matrix so
+far, times, parameter counts) and, written last, ``manifest.json`` (each file's size and SHA-256). Files
+are fsynced, then the directory is renamed into place, so an interrupted run leaves either the previous
+checkpoint or the new one. On load, a checkpoint whose files do not match its manifest is reported (file
+and reason) and the previous good one is used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,21 +19,51 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file, save_file
 
+from cramcl.errors import BadInputError
+
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("method.safetensors", "method.json", "runner.json")
+MANIFEST_FORMAT = "cramcl-checkpoint/1"
 _TASK_DIR = re.compile(r"^task_(\d+)$")
+_ORPHAN = re.compile(r"^\.task_\d+\.(tmp|old)\d+$")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') bytes to disk before a rename makes them visible."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json_atomic(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    _write_text_synced(tmp, json.dumps(data, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
 def write_yaml_atomic(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    _write_text_synced(tmp, yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_checkpoint(run_dir: Path, task_index: int, tensors: dict, method_meta: dict, runner_state: dict) -> Path:
@@ -41,8 +74,14 @@ def save_checkpoint(run_dir: Path, task_index: int, tensors: dict, method_meta: 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "method.safetensors"))
-    (tmp / "method.json").write_text(json.dumps(method_meta, indent=1))
-    (tmp / "runner.json").write_text(json.dumps(runner_state, indent=1))
+    _fsync(tmp / "method.safetensors")
+    _write_text_synced(tmp / "method.json", json.dumps(method_meta, indent=1))
+    _write_text_synced(tmp / "runner.json", json.dumps(runner_state, indent=1))
+    manifest = {"format": MANIFEST_FORMAT, "task": task_index,
+                "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                          for name in CHECKPOINT_FILES}}
+    _write_text_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: its presence means complete
+    _fsync(tmp)
     if final.exists():  # a re-run of the same task after an interruption: replace as one step
         old = ckpt_root / f".task_{task_index}.old{os.getpid()}"
         os.replace(final, old)
@@ -50,18 +89,87 @@ def save_checkpoint(run_dir: Path, task_index: int, tensors: dict, method_meta: 
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    _fsync(ckpt_root)
     return final
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory ``path`` cannot be trusted (naming the file), or None when every file
+    matches its manifest. A checkpoint of cramcl 0.1 (no manifest) is accepted when its files parse."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+        if missing:
+            return f"{path / missing[0]}: missing (and no {MANIFEST}: not a complete checkpoint)"
+        try:  # cramcl 0.1 wrote no manifest: the files must at least parse
+            json.loads((path / "method.json").read_text())
+            json.loads((path / "runner.json").read_text())
+            load_file(str(path / "method.safetensors"))
+        except Exception as e:  # noqa: BLE001 - any parse failure means the checkpoint is unusable
+            return f"{path}: no {MANIFEST} and a file does not parse ({type(e).__name__}: {e})"
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or set(files) != set(CHECKPOINT_FILES):
+            return f"{manifest_path}: not a {MANIFEST_FORMAT} manifest"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{manifest_path}: unreadable ({type(e).__name__})"
+    m = _TASK_DIR.match(path.name)
+    if m and manifest.get("task") != int(m.group(1)):
+        return f"{manifest_path}: written for task {manifest.get('task')}, found in {path.name}"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != want.get("bytes"):
+            return f"{f}: {f.stat().st_size} bytes, the manifest says {want.get('bytes')} (truncated or replaced)"
+        if _sha256(f) != want.get("sha256"):
+            return f"{f}: checksum does not match the manifest (damaged)"
+    return None
+
+
+def finished_checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoints/task_<t>`` directories, newest (largest t) first, without opening them."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     done = [(int(m.group(1)), p) for p in root.iterdir() if (m := _TASK_DIR.match(p.name)) and p.is_dir()]
-    return max(done)[1] if done else None
+    return [p for _, p in sorted(done, reverse=True)]
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``checkpoints/task_<t>`` directory by name (unchecked; see :func:`last_good_checkpoint`)."""
+    found = finished_checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def last_good_checkpoint(run_dir: Path, warn=print) -> Path | None:
+    """The newest checkpoint whose files match its manifest; each one skipped is reported through ``warn``."""
+    for path in finished_checkpoints(run_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warn(f"warning: checkpoint {path.name} is not usable ({problem}); falling back to the one before")
+    return None
+
+
+def remove_orphans(run_dir: Path) -> list[str]:
+    """Delete temporary checkpoint directories an interrupted write left behind; returns their names."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    orphans = [p for p in root.iterdir() if _ORPHAN.match(p.name) and p.is_dir()]
+    for p in orphans:
+        shutil.rmtree(p, ignore_errors=True)
+    return sorted(p.name for p in orphans)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
-    """(tensors, method meta, runner state) of a checkpoint directory."""
+    """(tensors, method meta, runner state) of a checkpoint directory, after checking it against its
+    manifest (a damaged one is bad input naming the file)."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise BadInputError(problem)
     return (load_file(str(path / "method.safetensors")), json.loads((path / "method.json").read_text()),
             json.loads((path / "runner.json").read_text()))

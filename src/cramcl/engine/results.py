@@ -23,6 +23,7 @@ def metrics_json(cfg, method, state: dict, partial: bool) -> dict:
                    "train_total": round(sum(done_train), 2), "eval_total": round(sum(done_eval), 2)},
         "uses_task_id_at_eval": method.uses_task_id_at_eval,
         "seed": cfg.seed,
+        "skipped_steps": state.get("skipped_steps", []),  # per task: non-finite steps dropped (train.nonfinite=skip)
         "eval_batches": cfg.train.eval_batches,  # mixed: test batches mixed the seen tasks; per_task: one at a time
         "complete": not partial,
     })

@@ -13,9 +13,10 @@ import torch
 import yaml
 
 from cramcl.config import RunConfig, config_from_dict
-from cramcl.engine.checkpoint import last_checkpoint, save_checkpoint, write_json_atomic, write_yaml_atomic
+from cramcl.engine.checkpoint import (last_good_checkpoint, remove_orphans, save_checkpoint, write_json_atomic,
+                                     write_yaml_atomic)
 from cramcl.engine.env import environment_record
-from cramcl.errors import BadInputError
+from cramcl.errors import BadInputError, TrainingFault
 from cramcl.utils.dist import check_identical_across_processes
 
 
@@ -23,13 +24,31 @@ def _task_seed(seed: int, task_index: int) -> int:
     return seed * 1000 + task_index
 
 
-def prepare_run_dir(cfg: RunConfig | None, out: Path, resume: bool) -> RunConfig:
-    """Check ``out`` (never overwrite a run without --resume) and return the config to run."""
+def load_saved_config(run_dir: Path) -> RunConfig:
+    """A run directory's ``config.yaml`` (bad input naming the file when it is missing or damaged)."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise BadInputError(f"{saved}: not found; --resume needs the directory of an earlier run")
+    try:
+        data = yaml.safe_load(saved.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{saved}: not a readable config ({type(e).__name__}); the run cannot be resumed") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{saved}: not a cramcl config (expected a mapping)")
+    return config_from_dict(data)
+
+
+def prepare_run_dir(cfg: RunConfig | None, out: Path, resume: bool, asked: dict | None = None,
+                    force: bool = False) -> RunConfig:
+    """Check ``out`` (never overwrite a run without --resume) and return the config to run.
+
+    With ``resume``, ``asked`` holds the settings given alongside --resume (method, profile, config_file,
+    benchmark, overrides): any that would change the saved run is refused (see engine/resume_check.py)."""
     saved = out / "config.yaml"
     if resume:
-        if not saved.exists():
-            raise BadInputError(f"{saved}: not found; --resume needs the directory of an earlier run")
-        return config_from_dict(yaml.safe_load(saved.read_text()))
+        from cramcl.engine.resume_check import check_resume
+
+        return check_resume(load_saved_config(out), out, force, **(asked or {}))
     if saved.exists() or (out / "results").exists() or (out / "checkpoints").exists():
         raise BadInputError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     return cfg
@@ -39,6 +58,15 @@ def mixed_order(n: int, seed: int, after_task: int) -> list[int]:
     """The seeded shuffle of ``n`` test records that mixed-task evaluation feeds in batches."""
     g = torch.Generator().manual_seed(_task_seed(seed, after_task) + 7919)
     return torch.randperm(n, generator=g).tolist()
+
+
+def check_finite_state(method, task_index: int, task_name: str) -> None:
+    """Every floating tensor of the method's state must be finite before it is evaluated or checkpointed."""
+    bad = [k for k, v in method.state()[0].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingFault(f"task {task_index} ('{task_name}'), after training: {len(bad)} tensor(s) of the method "
+                            f"state are not finite ({shown}); no checkpoint was written for it")
 
 
 def evaluate_tasks(session, tasks, pred_dir: Path, after_task: int = 0) -> dict[str, float]:
@@ -73,15 +101,16 @@ def evaluate_tasks(session, tasks, pred_dir: Path, after_task: int = 0) -> dict[
     return scores
 
 
-def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, stop_after_task: int | None = None) -> dict:
+def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, stop_after_task: int | None = None,
+               asked: dict | None = None, force: bool = False) -> dict:
     """Run the whole stream; returns the final ``matrix.json`` dict. ``stop_after_task`` (tests) simulates an
-    interruption right after that task's checkpoint."""
+    interruption right after that task's checkpoint. ``asked``/``force``: see :func:`prepare_run_dir`."""
     from cramcl.engine.results import matrix_json, write_results
     from cramcl.engine.session import open_session, restore_checkpoint
     from cramcl.engine.trainer import train_task
 
     out = Path(out)
-    cfg = prepare_run_dir(cfg, out, resume)
+    cfg = prepare_run_dir(cfg, out, resume, asked, force)
     session = open_session(cfg, out, log=log)
     bench, accelerator, backbone, method = session.bench, session.accelerator, session.backbone, session.method
     tasks = list(bench.tasks)
@@ -95,7 +124,12 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
              "time_eval": [None] * len(tasks), "trainable_per_task": [None] * len(tasks), "global_step": 0,
              "scorers": {t.name: t.scorer for t in tasks}}
     start = 0
-    ckpt = last_checkpoint(out) if resume else None
+    ckpt = None
+    if resume:
+        orphans = remove_orphans(out) if accelerator.is_main_process else []
+        if orphans:
+            log(f"removed {len(orphans)} unfinished checkpoint write(s) of the interrupted run: {', '.join(orphans)}")
+        ckpt = last_good_checkpoint(out, warn=log)
     if ckpt is not None:
         done, state = restore_checkpoint(session, ckpt)
         if state["tasks"] != names:
@@ -113,14 +147,19 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         records = method.training_records(t, task, tasks)  # the task's own, or with replayed / joint records
         backbone.prepare(records, desc=f"image features ({task.name})")
         result = train_task(accelerator, backbone, method, records, cfg.train, t,
-                            seed=_task_seed(cfg.seed, t), global_step=state["global_step"])
+                            seed=_task_seed(cfg.seed, t), global_step=state["global_step"], task_name=task.name)
         method.after_task(t)
+        check_finite_state(method, t, task.name)
         if accelerator.num_processes > 1:  # experts, centroids, prototypes must match on every process
             n = check_identical_across_processes(method.state()[0], f"method state after task {t}")
             log(f"    method state identical on {n} processes")
         state["global_step"] += result.steps
         state["time_train"][t] = result.seconds
         state["trainable_per_task"][t] = result.trained_params
+        state.setdefault("skipped_steps", [0] * len(tasks))[t] = result.skipped_steps
+        if result.skipped_steps:
+            log(f"    warning: {result.skipped_steps} optimizer step(s) of '{task.name}' skipped for a non-finite "
+                "loss or gradient (train.nonfinite=skip)")
 
         t_eval = time.perf_counter()
         scores = evaluate_tasks(session, tasks[: t + 1], out / "results" / "predictions" / f"after_{t}", t)

@@ -114,16 +114,14 @@ def write_seed_summary(out: Path, runs: dict[int, Path], title: str) -> dict:
     return summary
 
 
-def run_seeds(cfg, out: Path, seeds: list[int], *, resume: bool = False, log=print) -> dict:
+def run_seeds(cfg, out: Path, seeds: list[int], *, resume: bool = False, log=print, asked: dict | None = None,
+              force: bool = False) -> dict:
     """``cramcl run --seeds``: the run ``cfg`` once per seed in ``OUT/seed_<s>/``, then the summary.
 
     Without ``resume`` every seed directory must be new (as for a single run); with it, each seed's run
     continues (a finished one is left as it is, one never started begins from another seed's saved config)."""
     import dataclasses
 
-    import yaml
-
-    from cramcl.config import config_from_dict
     from cramcl.engine.runner import run_stream
 
     out = Path(out)
@@ -131,11 +129,14 @@ def run_seeds(cfg, out: Path, seeds: list[int], *, resume: bool = False, log=pri
         saved = [seed_dir(out, s) / "config.yaml" for s in seeds if (seed_dir(out, s) / "config.yaml").exists()]
         if not saved:
             raise BadInputError(f"{out}: no seed_<s>/config.yaml for seeds {seeds}; --resume needs an earlier run")
-        cfg = config_from_dict(yaml.safe_load(saved[0].read_text()))
+        from cramcl.engine.runner import load_saved_config
+
+        cfg = load_saved_config(saved[0].parent)
     runs = {}
     for seed in seeds:
         run = runs[seed] = seed_dir(out, seed)
         again = resume and (run / "config.yaml").exists()
         log(f"== seed {seed}: {'resuming' if again else 'running'} in {run}")
-        run_stream(None if again else dataclasses.replace(cfg, seed=seed), run, resume=again, log=log)
+        run_stream(None if again else dataclasses.replace(cfg, seed=seed), run, resume=again, log=log,
+                   asked=asked if again else None, force=force)
     return write_seed_summary(out, runs, f"{cfg.method} ({cfg.profile} profile)")

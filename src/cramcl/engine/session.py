@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from cramcl.config import RunConfig, config_from_dict
-from cramcl.engine.checkpoint import last_checkpoint, load_checkpoint
+from cramcl.config import RunConfig
+from cramcl.engine.checkpoint import last_good_checkpoint, load_checkpoint
 from cramcl.errors import BadInputError
 
 
@@ -44,11 +43,12 @@ def open_session(cfg: RunConfig, out: Path, log=print) -> Session:
 def open_finished_run(run_dir: Path, after_task: int | None = None, log=print) -> tuple[Session, int, dict]:
     """A session with the method state of ``checkpoints/task_<after_task>`` (default: the last one)."""
     run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        raise BadInputError(f"{saved}: not found; --run must be the directory of a cramcl run")
-    cfg = config_from_dict(yaml.safe_load(saved.read_text()))
-    ckpt = last_checkpoint(run_dir) if after_task is None else run_dir / "checkpoints" / f"task_{after_task}"
+    from cramcl.engine.runner import load_saved_config
+
+    if not (run_dir / "config.yaml").exists():
+        raise BadInputError(f"{run_dir / 'config.yaml'}: not found; --run must be the directory of a cramcl run")
+    cfg = load_saved_config(run_dir)
+    ckpt = last_good_checkpoint(run_dir, warn=log) if after_task is None else run_dir / "checkpoints" / f"task_{after_task}"
     if ckpt is None or not ckpt.is_dir():
         raise BadInputError(f"{run_dir}: no checkpoint for task {after_task if after_task is not None else '(any)'}")
     session = open_session(cfg, run_dir, log=log)

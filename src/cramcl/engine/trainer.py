@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from cramcl.config import TrainConfig
+from cramcl.errors import TrainingFault
 
 
 class _Records(Dataset):
@@ -77,10 +78,17 @@ class TaskTrainResult:
     seconds: float
     final_loss: float | None
     trained_params: int = 0  # distinct parameters that trained in any phase of the task
+    skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss or gradient (train.nonfinite=skip)
+
+
+def _fault(task_name: str, task_index: int, step: int, phase: str, what: str) -> TrainingFault:
+    return TrainingFault(f"task {task_index} ('{task_name}'), optimizer step {step} ({phase} phase): {what} is not "
+                         "finite; training stopped and no checkpoint holds it (lower train.lr, or pass "
+                         "train.nonfinite=skip to drop such steps)")
 
 
 def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_index: int, seed: int,
-               global_step: int = 0) -> TaskTrainResult:
+               global_step: int = 0, task_name: str = "") -> TaskTrainResult:
     """Train ``method`` on one task's ``records`` for ``cfg.steps_per_task`` optimizer steps.
 
     ``seed`` fixes the data order; the caller seeds torch before the task (dropout, fresh experts)."""
@@ -92,7 +100,7 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
     world = accelerator.num_processes
     micro_global = cfg.batch_size * world  # one forward across all processes
     all_batches = global_batches(len(records), total * cfg.grad_accum, micro_global, seed)
-    done, last_loss, trained = 0, None, {}
+    done, last_loss, trained, skipped = 0, None, {}, 0
     bar = tqdm(total=total, desc=f"task {task_index}", disable=not accelerator.is_local_main_process, leave=False)
     for phase in phases:
         method.begin_phase(phase)
@@ -113,27 +121,40 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
         outside = [p for p in params if id(p) not in in_model] if accelerator.num_processes > 1 else []
         model.train()
         t_phase = time.perf_counter()
+        finite = True  # every micro-batch loss of the current optimizer step
         for micro, batch in enumerate(loader):
             with accelerator.accumulate(model):
                 method.prepare_batch(batch, train=True)
                 loss, aux = method.compute_loss(model, batch)
+                finite = finite and bool(torch.isfinite(loss.detach()))
                 accelerator.backward(loss)
+                skip = False
                 if accelerator.sync_gradients:
                     for p in outside:
                         if p.grad is not None:
                             p.grad = accelerator.reduce(p.grad, reduction="mean")
-                    if cfg.grad_clip > 0:
-                        accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                    norm = accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                    what = "the loss" if not finite else None
+                    if what is None and norm is not None and not bool(torch.isfinite(torch.as_tensor(norm))):
+                        what = "the gradient norm"
+                    if what is not None:
+                        if cfg.nonfinite == "stop":
+                            bar.close()
+                            raise _fault(task_name, task_index, done + 1, phase.name, what)
+                        skip = True
                     # a phase with its own lr (e.g. routing-cl's gates) runs its own schedule from step 0
                     step, span = (done - phase_start, phase.steps) if phase.lr is not None else (done, total)
                     for group in opt.param_groups:
                         group["lr"] = base_lr * lr_factor(step, span, cfg.warmup_ratio, cfg.scheduler)
-                opt.step()
+                if not skip:
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             done += 1
             global_step += 1
+            skipped += int(skip)
+            finite = True
             last_loss = loss.item()
             rate = (micro + 1) / cfg.grad_accum / max(1e-9, time.perf_counter() - t_phase)
             bar.update(1)
@@ -146,4 +167,4 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
         model.eval()
         accelerator.free_memory()  # drop the phase's prepared optimizer/loader before the next phase
     bar.close()
-    return TaskTrainResult(done, time.perf_counter() - t0, last_loss, sum(trained.values()))
+    return TaskTrainResult(done, time.perf_counter() - t0, last_loss, sum(trained.values()), skipped)

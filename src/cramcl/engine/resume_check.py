@@ -1,0 +1,89 @@
+"""``cramcl run --resume`` holds the user to the run they asked for.
+
+The settings given with ``--resume`` (``--method``, ``--profile``, ``--config``, ``--benchmark``,
+``KEY=VALUE``) are applied on top of the saved ``config.yaml``; every one that changes the saved run is a
+difference, and differences are refused (exit 2, one line each). ``--force`` accepts the settings that
+cannot change any result already computed (``FORCE_SAFE``) and still refuses the rest.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+from cramcl.config import RunConfig, _read_yaml, _split_method, check_choices, parse_overrides, update_dataclass
+from cramcl.errors import BadInputError
+
+# Settings that only affect how later evaluation batches are cut or how often progress is logged: scores already
+# in the matrix stay as they are (a later evaluation with another batch size may round floats differently).
+FORCE_SAFE = frozenset({"train.eval_batch_size", "train.log_every"})
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "processor_kwargs":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def asked_config(saved: RunConfig, *, method=None, profile=None, config_file=None, benchmark=None,
+                 overrides=()) -> RunConfig:
+    """The saved config with the user's ``--resume`` settings applied (unknown keys are errors)."""
+    from cramcl.methods.registry import method_config_class
+
+    cfg = copy.deepcopy(saved)
+    user = _read_yaml(Path(config_file)) if config_file else {}
+    cli = parse_overrides(list(overrides))
+    user_name, user_args = _split_method(user, str(config_file))
+    cli_name, cli_args = _split_method(cli, "command line")
+    cfg.method = method or cli_name or user_name or saved.method
+    cfg.profile = profile or cli.pop("profile", None) or user.pop("profile", None) or saved.profile
+    cls = method_config_class(cfg.method)
+    method_cfg = cls(**{k: v for k, v in saved.method_args.items()
+                        if k in {f.name for f in dataclasses.fields(cls)}}) if cfg.method == saved.method else cls()
+    problems = []
+    user_overrides = user.pop("method_overrides", None) or {}
+    for where, run_values, method_values in ((str(config_file), user, {**(user_overrides.get(cfg.method) or {}),
+                                                                      **user_args}),
+                                             ("command line", cli, cli_args)):
+        run_values = {k: v for k, v in run_values.items() if k not in ("profile", "method_overrides")}
+        for target, values, label in ((cfg, run_values, where), (method_cfg, method_values, f"{where}: method")):
+            try:
+                update_dataclass(target, values, label)
+            except BadInputError as e:
+                problems.extend(e.problems)
+    if problems:
+        raise BadInputError(problems)
+    if benchmark:
+        cfg.data.benchmark = str(Path(benchmark).resolve())
+    cfg.method_args = dataclasses.asdict(method_cfg)
+    check_choices(cfg, "settings")
+    return cfg
+
+
+def resume_differences(saved: RunConfig, asked: RunConfig) -> list[tuple[str, object, object]]:
+    """(key, saved value, asked value) for every setting that differs."""
+    a, b = _flatten(saved.to_dict()), _flatten(asked.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume(saved: RunConfig, run_dir: Path, force: bool, **asked_settings) -> RunConfig:
+    """The config to continue with: the saved one, plus (with ``force``) the force-safe changes asked for.
+    Any other difference is refused with one line per setting."""
+    asked = asked_config(saved, **asked_settings)
+    diffs = resume_differences(saved, asked)
+    refused = [d for d in diffs if not (force and d[0] in FORCE_SAFE)]
+    if refused:
+        lines = [f"{run_dir / 'config.yaml'}: --resume would change {k} from {old!r} to {new!r}; a resumed run keeps "
+                 "its settings (start a new run with another --out"
+                 + (", or pass --force: this one cannot change computed results)" if k in FORCE_SAFE else ")")
+                 for k, old, new in refused]
+        raise BadInputError(lines)
+    for key, _, value in diffs:  # only force-safe ones remain
+        section, name = key.split(".", 1)
+        setattr(getattr(saved, section), name, value)
+    return saved
