@@ -165,3 +165,28 @@ def test_a_damaged_config_yaml_is_bad_input(finished_run, tmp_path, capsys, cont
     for argv in (["run", "--resume", "--out", str(out)], ["eval", "--run", str(out)]):
         rc, err = _main(argv, capsys)
         assert rc == 2 and "config.yaml" in err, err
+
+
+# ------------------------------------------------------------------ signals
+def test_sigterm_ends_with_one_line_that_says_how_to_resume(tmp_path, warm_cache, finished_run):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "term"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cramcl", "run", "--method", "lora-ft", "--out", str(out), *QUICK]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "task_0" / "manifest.json").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert f"cramcl: terminated (SIGTERM); continue with: cramcl run --resume --out {out}" in err
+    resumed = subprocess.run([sys.executable, "-m", "cramcl", "run", "--resume", "--out", str(out)],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _matrix(out) == _matrix(finished_run)  # the interrupted + resumed run ends like an uninterrupted one

@@ -128,21 +128,20 @@ def _cmd_metrics(args) -> int:
     from cramcl.eval.metrics import continual_metrics, json_safe
     from cramcl.report.report import format_metrics
 
+    from cramcl.eval.matrix_io import read_matrix
+
     path = Path(args.matrix)
-    try:
-        matrix = json.loads(path.read_text())
-        scores = matrix["scores"]
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise BadInputError(f"{path}: not a matrix.json ({type(e).__name__}: {e})") from None
+    scores = read_matrix(path)["scores"]
     metrics = json_safe(continual_metrics(scores))
     full = path.parent / "metrics.json"
     if full.exists():  # keep parameter counts and times when they are there
         try:
-            metrics = {**json.loads(full.read_text()), **metrics}
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"{full}: invalid JSON ({e})") from None
+            extra = json.loads(full.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInputError(f"{full}: invalid JSON ({type(e).__name__}: {e})") from None
+        if not isinstance(extra, dict):
+            raise BadInputError(f"{full}: not a metrics.json (expected an object)")
+        metrics = {**extra, **metrics}
     print(format_metrics(metrics, args.format))
     return 0
 
@@ -172,8 +171,42 @@ COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "eval": _cmd_eval, "metric
             "validate": _cmd_validate, "inspect": _cmd_inspect}
 
 
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that the run ends through the same message as Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _resume_hint(args) -> str:
+    if args.command == "run":
+        out = args.out or "runs/<method>-<profile>"
+        return f"continue with: cramcl run --resume --out {out}" + (f" --seeds {args.seeds}" if args.seeds else "")
+    if args.command == "compare":
+        return f"continue with the same cramcl compare command (finished runs in {args.out or 'runs/compare'} are reused)"
+    return "nothing was changed"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _dispatch(args) -> int:
     try:
         return COMMANDS[args.command](args)
     except BadInputError as e:
@@ -187,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("cramcl: interrupted; continue with `cramcl run --resume --out DIR`", file=sys.stderr)
+        print(f"cramcl: interrupted; {_resume_hint(args)}", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"cramcl: terminated (SIGTERM); {_resume_hint(args)}", file=sys.stderr)
+        return 143
     except Exception:  # an internal error: say so, with the traceback for the bug report
         traceback.print_exc()
         print("cramcl: internal error (exit 1); please report it with the traceback above", file=sys.stderr)

@@ -149,6 +149,8 @@ def _load_objects(path: Path, text: str) -> tuple[list[Any], list[str]]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             return [], [f"{path}: line {exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"]
+        except RecursionError:
+            return [], [f"{path}: invalid JSON: nested too deeply to be a records file"]
         return data, []
     objects: list[Any] = []
     problems: list[str] = []
@@ -157,8 +159,9 @@ def _load_objects(path: Path, text: str) -> tuple[list[Any], list[str]]:
             continue
         try:
             objects.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}: line {lineno}: invalid JSON: {exc.msg} (column {exc.colno})")
+        except (json.JSONDecodeError, RecursionError) as exc:
+            why = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            problems.append(f"{path}: line {lineno}: invalid JSON: {why}")
             objects.append(None)  # keeps record indices aligned with the non-blank lines
     return objects, problems
 
