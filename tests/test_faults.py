@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +191,49 @@ def test_sigterm_ends_with_one_line_that_says_how_to_resume(tmp_path, warm_cache
                              capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _matrix(out) == _matrix(finished_run)  # the interrupted + resumed run ends like an uninterrupted one
+
+
+# ------------------------------------------------------------------ checked before anything is written
+@pytest.mark.parametrize("setting, words", [
+    ("train.steps_per_task=-5", "train.steps_per_task: -5 must be >= 1"),
+    ("train.lr=0", "train.lr: 0.0 must be > 0"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio: 1.5 must be in [0, 1]"),
+    ("train.nonfinite=ignore", "train.nonfinite: 'ignore' is not one of stop, skip"),
+    ("method.sigma=-1", "method.sigma: -1.0 must be > 0"),
+    ("method.r_min=20", "method.r_min: 20 must be in [1, r_max]"),
+    ("method.tau_novel=1.5", "method.tau_novel: 1.5 must be in [0, 1]"),
+])
+def test_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, capsys, setting, words):
+    out = tmp_path / "never"
+    rc, err = _main(["run", "--out", str(out), *QUICK, setting], capsys)
+    assert rc == 2 and words in err, err
+    assert not out.exists()  # a plain rerun with the setting fixed is not blocked
+
+
+def test_an_unusable_out_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    import cramcl.engine.session as session
+
+    monkeypatch.setattr(session, "open_session", lambda *a, **k: pytest.fail("built the model first"))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, words in ((a_file, "exists and is not a directory"), (a_file / "sub", "is not a directory"),
+                       (Path("/proc/cramcl-run"), "")):
+        rc, err = _main(["run", "--method", "lora-ft", "--out", str(out), *QUICK], capsys)
+        assert rc == 2 and str(out) in err and words in err, err
+
+
+def test_a_truncated_image_in_a_later_task_is_found_before_training(tmp_path, capsys, warm_cache):
+    from cramcl.data.stream import builtin_benchmark_path
+
+    cfg = quick_config()
+    src = builtin_benchmark_path(cfg.data).parent
+    bench = tmp_path / "bench"
+    shutil.copytree(src, bench, symlinks=False)
+    last = QUICK_TASKS[-1]  # the last task: found before the first one trains
+    victim = sorted((bench / "images" / last).glob("train-*.png"))[3]
+    victim.write_bytes(victim.read_bytes()[:60])
+    out = tmp_path / "run"
+    rc, err = _main(["run", "--method", "lora-ft", "--benchmark", str(bench / "benchmark.yaml"), "--out", str(out),
+                     *QUICK], capsys)
+    assert rc == 2 and f"{victim.resolve()}: unreadable image" in err and f"task '{last}' train record" in err, err
+    assert not out.exists()

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     run_args(r, methods_flag=False)
     r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (settings given "
                    "with it must not change the saved run)")
+    r.add_argument("--no-validate", action="store_true", help="skip decoding every image before training (huge "
+                   "sets); a bad record is then named when it is met")
     r.add_argument("--force", action="store_true", help="with --resume: accept changes that cannot alter computed "
                    "results (train.eval_batch_size, train.log_every)")
 
@@ -77,6 +79,11 @@ def _cmd_run(args) -> int:
     else:
         cfg = resolve_config(method=args.method, profile=args.profile, config_file=args.config,
                              benchmark=args.benchmark, overrides=args.overrides)
+    if args.no_validate:
+        if cfg is None:
+            asked["overrides"] = [*asked["overrides"], "data.validate_images=false"]
+        else:
+            cfg.data.validate_images = False
     out = Path(args.out or f"runs/{cfg.method}-{cfg.profile}")
     if args.seeds:
         from cramcl.engine.seeds import parse_seeds, run_seeds

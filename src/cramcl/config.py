@@ -30,6 +30,7 @@ class DataConfig:
     builtin_n_train: int = 800  # records per task in the generated built-in stream
     builtin_n_test: int = 200
     builtin_seed: int = 0
+    validate_images: bool = True  # decode every image of every task before the run directory is made
     tasks: list[str] | None = None  # a subset of task names, in stream order
     max_train_per_task: int | None = None
     max_test_per_task: int | None = None
@@ -297,13 +298,45 @@ CHOICES = {("train", "scheduler"): ("cosine", "constant"), ("train", "eval_batch
            ("train", "mixed_precision"): ("no", "bf16", "fp16")}
 
 
+# (section, key) -> (lowest allowed, highest allowed, whether the bounds are inclusive); None = unbounded
+RANGES = {("train", "steps_per_task"): (1, None), ("train", "batch_size"): (1, None), ("train", "grad_accum"): (1, None),
+          ("train", "lr"): (0, None, False), ("train", "weight_decay"): (0, None), ("train", "warmup_ratio"): (0, 1),
+          ("train", "grad_clip"): (0, None), ("train", "eval_batch_size"): (1, None), ("train", "log_every"): (1, None),
+          ("data", "builtin_n_train"): (1, None), ("data", "builtin_n_test"): (1, None), ("data", "builtin_seed"): (0, None),
+          ("data", "max_train_per_task"): (1, None), ("data", "max_test_per_task"): (1, None),
+          ("backbone", "base_steps"): (0, None), ("backbone", "base_batch_size"): (1, None),
+          ("backbone", "base_lr"): (0, None, False), ("backbone", "max_new_tokens"): (1, None),
+          ("backbone", "image_size"): (16, None), ("backbone", "max_length"): (8, None), ("backbone", "base_seed"): (0, None)}
+
+
+def _out_of_range(value, bounds) -> bool:
+    lo, hi, inclusive = (*bounds, True) if len(bounds) == 2 else bounds
+    if value is None:
+        return False
+    if lo is not None and (value < lo if inclusive else value <= lo):
+        return True
+    return hi is not None and value > hi
+
+
 def check_choices(cfg: RunConfig, where: str) -> None:
-    """Settings that take one of a few names: anything else is bad input naming the valid ones."""
+    """Settings that take one of a few names or lie in a range, and the method's own checks: anything else is
+    bad input naming the setting and what it accepts (before anything is built or written)."""
     problems = []
     for (section, key), valid in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in valid:
             problems.append(f"{where}: {section}.{key}: '{value}' is not one of {', '.join(valid)}")
+    for (section, key), bounds in RANGES.items():
+        value = getattr(getattr(cfg, section), key)
+        if _out_of_range(value, bounds):
+            lo, hi = bounds[0], bounds[1]
+            strict = len(bounds) == 3 and not bounds[2]
+            want = (f"> {lo}" if strict else f">= {lo}") if hi is None else f"in [{lo}, {hi}]"
+            problems.append(f"{where}: {section}.{key}: {value!r} must be {want}")
+    from cramcl.methods.registry import method_config_class
+
+    method_cfg = method_config_class(cfg.method)(**cfg.method_args)
+    problems += [f"{where}: method.{p}" for p in getattr(method_cfg, "problems", lambda: [])()]
     if problems:
         raise BadInputError(problems)
 

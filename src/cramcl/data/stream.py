@@ -32,6 +32,27 @@ def load_stream(cfg: DataConfig) -> Benchmark:
     return bench
 
 
+def check_stream_images(bench: Benchmark) -> None:
+    """Decode every image of every task (each file once, with a progress bar); every unreadable one is bad
+    input naming the image, the task, the split and the first record that uses it."""
+    from tqdm import tqdm
+
+    from cramcl.data.records import check_image
+
+    first_use: dict[Path, str] = {}
+    for task in bench.tasks:
+        for split, records in (("train", task.train), ("test", task.test)):
+            for r in records:
+                first_use.setdefault(r.image, f"task '{task.name}' {split} record '{r.id}'")
+    problems = []
+    for path in tqdm(first_use, desc="checking images", unit="img", leave=False, disable=len(first_use) < 2000):
+        why = check_image(path)
+        if why:
+            problems.append(f"{path}: unreadable image ({why}); used by {first_use[path]}")
+    if problems:
+        raise BadInputError(problems)
+
+
 def base_corpus(bench: Benchmark, cfg: DataConfig) -> list[Record]:
     """Captions for the tiny backbone's base stage: the benchmark's own `pretrain:` file, else the built-in one."""
     if bench.pretrain_file is not None:

@@ -17,6 +17,8 @@ from cramcl.errors import BadInputError
 # Settings that only affect how later evaluation batches are cut or how often progress is logged: scores already
 # in the matrix stay as they are (a later evaluation with another batch size may round floats differently).
 FORCE_SAFE = frozenset({"train.eval_batch_size", "train.log_every"})
+# Settings about checking inputs, not about the run: changed freely on resume (e.g. --no-validate).
+NOT_A_CHANGE = frozenset({"data.validate_images"})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -76,14 +78,14 @@ def check_resume(saved: RunConfig, run_dir: Path, force: bool, **asked_settings)
     Any other difference is refused with one line per setting."""
     asked = asked_config(saved, **asked_settings)
     diffs = resume_differences(saved, asked)
-    refused = [d for d in diffs if not (force and d[0] in FORCE_SAFE)]
+    refused = [d for d in diffs if d[0] not in NOT_A_CHANGE and not (force and d[0] in FORCE_SAFE)]
     if refused:
         lines = [f"{run_dir / 'config.yaml'}: --resume would change {k} from {old!r} to {new!r}; a resumed run keeps "
                  "its settings (start a new run with another --out"
                  + (", or pass --force: this one cannot change computed results)" if k in FORCE_SAFE else ")")
                  for k, old, new in refused]
         raise BadInputError(lines)
-    for key, _, value in diffs:  # only force-safe ones remain
+    for key, _, value in diffs:  # only force-safe (with --force) and not-a-change ones remain
         section, name = key.split(".", 1)
         setattr(getattr(saved, section), name, value)
     return saved

@@ -24,6 +24,23 @@ def _task_seed(seed: int, task_index: int) -> int:
     return seed * 1000 + task_index
 
 
+def check_output_dir(out: Path) -> None:
+    """``out`` must be a directory we can create or write, checked before anything is built or written."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{out}: --out exists and is not a directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BadInputError(f"{out}: cannot be created: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInputError(f"{out}: cannot write there ({probe} is read-only or not ours)")
+    if str(out.resolve()).startswith(("/proc/", "/sys/")) or str(out.resolve()) in ("/proc", "/sys"):
+        raise BadInputError(f"{out}: a kernel filesystem, not a place for a run directory")
+
+
 def load_saved_config(run_dir: Path) -> RunConfig:
     """A run directory's ``config.yaml`` (bad input naming the file when it is missing or damaged)."""
     saved = run_dir / "config.yaml"
@@ -110,8 +127,9 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
     from cramcl.engine.trainer import train_task
 
     out = Path(out)
+    check_output_dir(out)
     cfg = prepare_run_dir(cfg, out, resume, asked, force)
-    session = open_session(cfg, out, log=log)
+    session = open_session(cfg, out, log=log, check_images=cfg.data.validate_images)
     bench, accelerator, backbone, method = session.bench, session.accelerator, session.backbone, session.method
     tasks = list(bench.tasks)
     names = [t.name for t in tasks]

@@ -21,14 +21,18 @@ class Session:
     method: object
 
 
-def open_session(cfg: RunConfig, out: Path, log=print) -> Session:
+def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = False) -> Session:
+    """``check_images``: decode every image of the stream first (``cramcl run``, unless data.validate_images
+    is off), so a bad one is reported before anything trains."""
     from cramcl.backbones import build_backbone
-    from cramcl.data.stream import load_stream
+    from cramcl.data.stream import check_stream_images, load_stream
     from cramcl.engine.env import make_accelerator
     from cramcl.methods.base import Services
     from cramcl.methods.registry import build_method
 
     bench = load_stream(cfg.data)
+    if check_images:
+        check_stream_images(bench)
     accelerator = make_accelerator(cfg, out)
     torch.manual_seed(cfg.seed)
     with accelerator.main_process_first():  # one process trains/caches the base stage, the others load it

@@ -52,6 +52,20 @@ class CramConfig(RoutingEncoderConfig):
     group_init_samples: int = 32  # the task's first N samples decide its group
     lambda_orth: float = 1.0
 
+    def problems(self) -> list[str]:
+        """Settings out of range, one line each (checked when the config is resolved)."""
+        checks = [("sigma", self.sigma > 0, "> 0"), ("r_min", 1 <= self.r_min <= self.r_max, "in [1, r_max]"),
+                  ("buffer_rank", self.buffer_rank >= 1, ">= 1"), ("tau_alloc", self.tau_alloc >= 0, ">= 0"),
+                  ("tau_novel", 0 <= self.tau_novel <= 1, "in [0, 1]"),
+                  ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"), ("theta", self.theta >= 0, ">= 0"),
+                  ("join_threshold", -1 <= self.join_threshold <= 1, "in [-1, 1] (a cosine)"),
+                  ("max_groups", self.max_groups >= 1, ">= 1"), ("lambda_orth", self.lambda_orth >= 0, ">= 0"),
+                  ("group_init_samples", self.group_init_samples >= 1, ">= 1"),
+                  ("fixed_rank", self.fixed_rank is None or self.fixed_rank >= 1, "null or >= 1"),
+                  ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                  ("routing", self.routing in ROUTING_MODES, f"one of {', '.join(ROUTING_MODES)}")]
+        return [f"{name}: {getattr(self, name)!r} must be {want}" for name, ok, want in checks if not ok]
+
 
 class Cram(Method):
     name = "cram"
