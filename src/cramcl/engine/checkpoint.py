@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file, save_file
 
+from cramcl.engine.kill_points import kill_point
 from cramcl.errors import BadInputError
 
 MANIFEST = "manifest.json"
@@ -77,6 +78,7 @@ def save_checkpoint(run_dir: Path, task_index: int, tensors: dict, method_meta: 
     _fsync(tmp / "method.safetensors")
     _write_text_synced(tmp / "method.json", json.dumps(method_meta, indent=1))
     _write_text_synced(tmp / "runner.json", json.dumps(runner_state, indent=1))
+    kill_point("checkpoint_write")
     manifest = {"format": MANIFEST_FORMAT, "task": task_index,
                 "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                           for name in CHECKPOINT_FILES}}

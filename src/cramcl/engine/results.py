@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cramcl.engine.checkpoint import write_json_atomic
+from cramcl.engine.kill_points import kill_point
 from cramcl.eval.metrics import continual_metrics, json_safe
 
 
@@ -39,5 +40,6 @@ def write_results(out: Path, cfg, method, state: dict, partial: bool, seen_tasks
     if analysis:
         metrics["method_analysis"] = analysis
     write_json_atomic(out / "results" / "matrix.json", matrix)
+    kill_point("results_write")
     write_json_atomic(out / "results" / "metrics.json", metrics)
     write_report(out, matrix, metrics, extra_sections=method.report_sections())

@@ -16,6 +16,7 @@ from cramcl.config import RunConfig, config_from_dict
 from cramcl.engine.checkpoint import (last_good_checkpoint, remove_orphans, save_checkpoint, write_json_atomic,
                                      write_yaml_atomic)
 from cramcl.engine.env import environment_record
+from cramcl.engine.kill_points import kill_point
 from cramcl.errors import BadInputError, TrainingFault
 from cramcl.utils.dist import check_identical_across_processes
 
@@ -159,6 +160,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
     backbone.prepare(all_test, desc="image features (test)")
     for t in range(start, len(tasks)):
         task = tasks[t]
+        kill_point("task_start")
         log(f"[{t + 1}/{len(tasks)}] {cfg.method}: training on '{task.name}' ({len(task.train)} records)")
         torch.manual_seed(_task_seed(cfg.seed, t))  # fresh experts, dropout: identical on resume
         method.before_task(t, task)
@@ -190,6 +192,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         if accelerator.is_main_process:
             tensors, meta = method.state()
             save_checkpoint(out, t, tensors, meta, state)
+            kill_point("checkpoint_done")
             write_results(out, cfg, method, state, partial=t + 1 < len(tasks), seen_tasks=tasks[: t + 1])
         accelerator.wait_for_everyone()
         if stop_after_task is not None and t == stop_after_task:

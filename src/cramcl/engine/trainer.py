@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from cramcl.config import TrainConfig
+from cramcl.engine.kill_points import kill_point
 from cramcl.errors import TrainingFault
 
 
@@ -153,6 +154,7 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
                 continue
             done += 1
             global_step += 1
+            kill_point("train_step")
             skipped += int(skip)
             finite = True
             last_loss = loss.item()

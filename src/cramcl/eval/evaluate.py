@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+from cramcl.engine.kill_points import kill_point
 from cramcl.eval.scorers import score_task
 
 
@@ -40,6 +41,7 @@ def predict(accelerator, backbone, method, records, batch_size: int, desc: str =
             batch["task_index"] = torch.tensor([task_ids[i] for i in idx], device=accelerator.device)
         method.prepare_batch(batch, train=False)
         local.extend(zip(idx, backbone.generate(model, batch)))
+        kill_point("eval_batch")
     gathered = gather_object(local) if world > 1 else local
     by_index = dict(gathered)
     if len(by_index) != len(records) or len(gathered) != len(records):
