@@ -16,7 +16,9 @@ def test_normalize_answer():
     assert normalize_answer("An apple,  3.5 kg.") == "apple 3.5 kg"  # decimal point kept, final '.' dropped
     assert normalize_answer("Black-and-White") == "black and white"  # hyphen separates words
     assert normalize_answer("theatre") == "theatre"  # articles only as whole words
-    assert normalize_answer("The.") == ""
+    # an answer made only of articles is kept (it was erased to "" before, which made the option
+    # letter "A" unscorable); see test_exact_never_erases_an_answer
+    assert normalize_answer("The.") == "the"
 
 
 def test_exact_punctuation_articles_case_and_lists():
@@ -191,7 +193,8 @@ def test_bbox_bad_reference_is_bad_input():
 
 # ---------------------------------------------------------------- registry
 def test_registry():
-    assert SCORER_NAMES == ("exact", "number", "anls", "caption", "bbox_iou")
+    assert SCORER_NAMES == ("exact", "number", "anls", "caption", "bbox_iou", "vqa_soft", "relaxed",
+                            "choice", "contains")
     assert SCORER_NAMES == tuple(SCORERS)
     assert get_scorer("anls") is anls
     assert score_task("exact", ["Yes"], ["yes."]) == (100.0, [100.0])
