@@ -90,6 +90,12 @@ CAPS = ["a red bus on the street", "two dogs play in grass", "a man rides a hors
 
 def test_tokenize():
     assert cm.tokenize("A dog, running!  Fast.") == ["a", "dog", "running", "fast"]
+    # as the toolkit's PTB tokenizer: clitics split, hyphenated words whole, brackets kept as -lrb- / -rrb-
+    assert cm.tokenize("The dog's ball isn't red!") == ["the", "dog", "'s", "ball", "is", "n't", "red"]
+    assert cm.tokenize("A black-and-white cat (quietly).") == ["a", "black-and-white", "cat", "-lrb-",
+                                                               "quietly", "-rrb-"]
+    assert cm.tokenize("I cannot see the U.S. flag; 3.5 m...") == ["i", "can", "not", "see", "the", "u.s.",
+                                                                  "flag", "3.5", "m"]
 
 
 def test_identical_captions_score_full():
@@ -99,9 +105,8 @@ def test_identical_captions_score_full():
     # every record's tf-idf vector equals its reference's: cosine 1 per order, no length penalty
     # -> 10 per record (x10 in CIDEr-D) -> x100 = 1000
     assert m["CIDEr"] == pytest.approx(1000.0)
-    # METEOR: one chunk, penalty 0.5 * (1/m)^3 with m = 6, 5, 5 tokens
-    expected = (1 - 0.5 / 216 + 2 * (1 - 0.5 / 125)) / 3
-    assert m["METEOR"] == pytest.approx(100 * expected)
+    # METEOR 1.5 counts a hypothesis equal to its reference as 0 chunks: no penalty, 1 (the toolkit gives 100)
+    assert m["METEOR"] == pytest.approx(100.0)
     task, per = caption(CAPS, CAPS)
     # the task score keeps the contract's 0-100 scale: CIDEr enters the mean x10, not x100
     assert task == pytest.approx((sum(m.values()) - m["CIDEr"] + m["CIDEr"] / 10) / 7)
@@ -117,7 +122,11 @@ def test_bleu_hand_case_with_brevity_penalty():
     bp = math.exp(-0.5)
     assert m["BLEU-1"] == pytest.approx(100 * bp)  # 60.65
     assert m["BLEU-2"] == pytest.approx(100 * bp * math.sqrt(2 / 3))  # 49.52
-    assert m["BLEU-3"] == 0.0 and m["BLEU-4"] == 0.0
+    # no trigram matches: the toolkit's guard p_n = (0 + 1e-15) / (guess + 1e-9) leaves a tiny positive number
+    p = [4 / 4, 2 / 3, 1e-15 / 2, 1e-15 / 1]
+    assert m["BLEU-3"] == pytest.approx(100 * bp * (p[0] * p[1] * p[2]) ** (1 / 3), rel=1e-6)  # 4.2e-4
+    assert m["BLEU-4"] == pytest.approx(100 * bp * (p[0] * p[1] * p[2] * p[3]) ** (1 / 4), rel=1e-6)
+    assert 0 < m["BLEU-4"] < 1e-3
     # a one-record corpus: every idf is log(1) - log(1) = 0 -> CIDEr-D 0
     assert m["CIDEr"] == 0.0
 
@@ -138,16 +147,33 @@ def test_rouge_l_hand_case():
 
 
 def test_meteor_hand_cases():
+    # METEOR 1.5 (alpha 0.85, beta 0.2, gamma 0.6, delta 0.75), exact matches; each value below is also
+    # what the COCO toolkit's Java METEOR gives (tests/test_caption_toolkit.py)
     t = cm.tokenize
-    # same words, 3 chunks: P = R = 1 -> F = 1; penalty 0.5 * (3/3)^3 = 0.5 -> 0.5
-    assert cm.meteor_single(t("cat the sat"), t("the cat sat")) == pytest.approx(0.5)
-    # m = 2, P = 1, R = 0.5: F = 0.5 / (0.9 * 1 + 0.1 * 0.5) = 0.526316; 1 chunk: penalty 0.5 / 8
-    assert cm.meteor_single(t("the cat"), t("the cat sat down")) == pytest.approx(0.5 / 0.95 * (1 - 0.0625))
-    # "the cat the mat" vs "the cat sat on the mat": m = 4, P = 1, R = 4/6, 2 chunks ("the cat", "the mat")
-    # F = (2/3) / (0.9 + 0.1 * 2/3) = 0.689655; penalty 0.5 * (2/4)^3 = 0.0625 -> 0.646552
-    f = (2 / 3) / (0.9 + 0.2 / 3)
-    assert cm.meteor(t("the cat the mat"), [t("xyz"), t("the cat sat on the mat")]) == pytest.approx(f * 0.9375)
+    # same words, 3 chunks: P = R = 1 -> F = 1; penalty 0.6 * (3/3)^0.2 = 0.6 -> 0.4
+    assert cm.meteor_single(t("cat the sat"), t("the cat sat")) == pytest.approx(0.4)
+    # "the cat" vs "the cat sat down": P = 1; R weighs the function word "the" by 0.25 and content by 0.75:
+    # R = (0.75 + 0.25) / (0.75 * 3 + 0.25 * 1) = 0.4; F = 0.4 / (0.85 + 0.15 * 0.4) = 0.43956;
+    # one chunk over 2 matches: penalty 0.6 * 0.5^0.2 = 0.52233 -> 0.209965
+    f = 0.4 / 0.91
+    assert cm.meteor_single(t("the cat"), t("the cat sat down")) == pytest.approx(f * (1 - 0.6 * 0.5 ** 0.2))
+    # "dog runs" vs "dog runs park" (content words only): R = 2/3, F = (2/3) / 0.95; penalty 0.6 * 0.5^0.2
+    assert cm.meteor_single(t("dog runs"), t("dog runs park")) == pytest.approx(
+        (2 / 3) / 0.95 * (1 - 0.6 * 0.5 ** 0.2))  # 0.335207
+    # best over references
+    assert cm.meteor(t("the cat the mat"), [t("xyz"), t("the cat sat on the mat")]) == pytest.approx(0.335207, abs=1e-6)
     assert cm.meteor_single(t("dog"), t("cat")) == 0.0
+
+
+def test_meteor_corpus_pools_statistics():
+    # the corpus score is the formula on summed statistics, not the mean of the records' scores:
+    # "dog runs park" (equal: 3 matches, 0 chunks) + "dog runs" vs "dog runs park" (2 matches, 1 chunk)
+    # P = 5/5, R = 5/6, F = (5/6) / (0.85 + 0.125) = 0.854701; penalty 0.6 * (1/5)^0.2 -> 0.483019
+    # (the mean of the two records would be (1 + 0.335207) / 2 = 0.6676)
+    t = cm.tokenize
+    hyps, refs = [t("dog runs park"), t("dog runs")], [[t("dog runs park")], [t("dog runs park")]]
+    assert cm.corpus_meteor(hyps, refs) == pytest.approx((5 / 6) / 0.975 * (1 - 0.6 * 0.2 ** 0.2))
+    assert cm.corpus_meteor(hyps, refs) == pytest.approx(0.483019, abs=1e-6)  # the toolkit's value
 
 
 def test_cider_right_caption_beats_wrong_one():
