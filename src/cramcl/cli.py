@@ -154,13 +154,14 @@ def _cmd_metrics(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from cramcl.data.validate import validate_benchmark
+    from cramcl.data.validate import summarize, validate_benchmark
 
     bench, problems = validate_benchmark(args.benchmark)
     if problems:
         raise BadInputError(problems)
     n = sum(len(t.train) + len(t.test) for t in bench.tasks)
     print(f"{args.benchmark}: ok ({len(bench.tasks)} tasks, {n} records, every image readable)")
+    print("\n".join(summarize(bench)[1:]))  # per task: the scorer it will use, with its settings
     return 0
 
 

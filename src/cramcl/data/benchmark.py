@@ -8,7 +8,7 @@ tasks:                      # in training order
   - name: shape
     train: shape/train.json
     test: shape/test.jsonl
-    scorer: exact
+    scorer: exact           # or with settings: {name: anls, threshold: 0.5}
 ```
 
 Paths are relative to the YAML file's directory. ``load_benchmark`` reports every problem it finds
@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task of the stream: its records, scorer and the files they came from."""
+    """One task of the stream: its records, scorer (name and settings) and the files they came from."""
 
     name: str
     train: tuple[Record, ...]
@@ -45,6 +45,14 @@ class TaskSpec:
     scorer: str
     train_file: Path
     test_file: Path
+    scorer_params: tuple[tuple[str, float], ...] = field(default=())  # every setting, defaults filled in
+
+    @property
+    def scorer_label(self) -> str:
+        """The scorer as shown to users and in matrix.json: ``exact``, ``anls(threshold=0.5)``."""
+        from cramcl.eval.scorers import scorer_label
+
+        return scorer_label(self.scorer, dict(self.scorer_params))
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,7 @@ def _read_yaml(path: Path) -> Any:
         raise BadInputError([f"{path}:{line} invalid YAML: {exc}".replace("\n", " ")]) from None
 
 
-def _check_task(
-    yaml_path: Path, index: int, raw: Any, seen: dict[str, int], scorer_names: tuple[str, ...]
-) -> tuple[dict, list[str]]:
+def _check_task(yaml_path: Path, index: int, raw: Any, seen: dict[str, int]) -> tuple[dict, list[str]]:
     """Check one task entry's keys; return its parsed fields and its problems."""
     where = f"{yaml_path}: task {index}"
     if not isinstance(raw, dict):
@@ -132,11 +138,24 @@ def _check_task(
     base = yaml_path.parent
     train = _path_field(where, raw, "train", base, problems)
     test = _path_field(where, raw, "test", base, problems)
-    scorer = raw.get("scorer")
-    if scorer not in scorer_names:
-        what = "missing scorer" if scorer is None else f"unknown scorer '{scorer}'"
-        problems.append(f"{where}: {what} (known: {', '.join(scorer_names)})")
-    return {"name": name, "train": train, "test": test, "scorer": scorer}, problems
+    from cramcl.eval.scorers import resolve_scorer  # late: the eval package may import heavier things
+
+    scorer, params, found = resolve_scorer(raw.get("scorer"))
+    problems += [f"{where}: {p}" for p in found]
+    return {"name": name, "train": train, "test": test, "scorer": scorer,
+            "scorer_params": tuple(params.items())}, problems
+
+
+def _check_references(test_file: Path, scorer: str, records: tuple[Record, ...]) -> list[str]:
+    """Test records whose references the task's scorer cannot read (a choice answer without an option
+    letter, a bbox_iou answer that is not a box), one line each."""
+    from cramcl.eval.scorers import check_reference
+
+    problems = []
+    for r in records:
+        for why in check_reference(scorer, list(r.answers) or r.answer, r.question):
+            problems.append(f"{test_file}: record id '{r.id}': scorer '{scorer}': {why}")
+    return problems
 
 
 def _load_split(
@@ -168,8 +187,6 @@ def load_benchmark(
     ``max_train`` / ``max_test`` keep the first N records of each split (all records are still checked).
     Raises ``BadInputError`` listing every problem found.
     """
-    from cramcl.eval.scorers import SCORER_NAMES  # late: the eval package may import heavier things
-
     yaml_path = Path(path)
     raw = _read_yaml(yaml_path)
     if not isinstance(raw, dict):
@@ -207,7 +224,7 @@ def load_benchmark(
     tasks: list[TaskSpec] = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(tasks_raw):
-        fields, found = _check_task(yaml_path, index, entry, seen, tuple(SCORER_NAMES))
+        fields, found = _check_task(yaml_path, index, entry, seen)
         problems += found
         task_name = fields.get("name")
         where = f"{yaml_path}: task '{task_name}'" if task_name else f"{yaml_path}: task {index}"
@@ -215,9 +232,12 @@ def load_benchmark(
                             problems)
         test = _load_split(where, "test", fields.get("test"), image_root, check_images, max_test,
                            problems)
+        if not found and fields["test"]:
+            found = _check_references(fields["test"], fields["scorer"], test)
+            problems += found
         if not found and fields["train"] and fields["test"]:
             tasks.append(TaskSpec(fields["name"], train, test, fields["scorer"],
-                                  fields["train"], fields["test"]))
+                                  fields["train"], fields["test"], fields["scorer_params"]))
     if problems:
         raise BadInputError(problems)
     return Benchmark(name=name, path=yaml_path, image_root=image_root, tasks=tuple(tasks),

@@ -25,10 +25,11 @@ def validate_benchmark(path: str | Path) -> tuple[Benchmark | None, list[str]]:
 
 
 def summarize(bench: Benchmark) -> list[str]:
-    """One line per task (for the CLI): name, scorer and split sizes, plus the pretrain corpus."""
+    """One line per task (for the CLI): name, the scorer it will use with its settings, split sizes; plus
+    the pretrain corpus."""
     lines = [f"{bench.name}: {len(bench.tasks)} tasks, images under {bench.image_root}"]
     for i, task in enumerate(bench.tasks, start=1):
-        lines.append(f"  {i}. {task.name:<12} scorer={task.scorer:<8} "
+        lines.append(f"  {i}. {task.name:<12} scorer={task.scorer_label:<8} "
                      f"train={len(task.train):>6}  test={len(task.test):>6}")
     if bench.pretrain_file is not None:
         lines.append(f"  pretrain: {bench.pretrain_file}")

@@ -112,7 +112,7 @@ def evaluate_tasks(session, tasks, pred_dir: Path, after_task: int = 0) -> dict[
             preds[t.name], start = flat[start:start + len(t.test)], start + len(t.test)
     scores = {}
     for task in tasks:
-        score, rows = score_records(task.scorer, list(task.test), preds[task.name])
+        score, rows = score_records(task.scorer, list(task.test), preds[task.name], dict(task.scorer_params))
         scores[task.name] = round(float(score), 4)
         if session.accelerator.is_main_process:
             write_jsonl_atomic(pred_dir / f"{task.name}.jsonl", rows)
@@ -141,7 +141,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
 
     state = {"tasks": names, "scores": [[None] * len(tasks) for _ in tasks], "time_train": [None] * len(tasks),
              "time_eval": [None] * len(tasks), "trainable_per_task": [None] * len(tasks), "global_step": 0,
-             "scorers": {t.name: t.scorer for t in tasks}}
+             "scorers": {t.name: t.scorer_label for t in tasks}}
     start = 0
     ckpt = None
     if resume:

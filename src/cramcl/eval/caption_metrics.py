@@ -1,36 +1,80 @@
-"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D) in the style of the COCO caption evaluation.
+"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D) as the COCO caption toolkit defines them.
 
-Our own implementation, with no external data: every function is pure and works on token lists.
+Our own implementation, with no external data and no Java: every function is pure and works on token lists.
 
-Conventions
-- Tokenisation (:func:`tokenize`): lowercase, every punctuation character becomes a separator (so
-  punctuation is split off and dropped, as COCO's PTB tokenizer drops it), whitespace split.
-- Every component is reported as ``100 x`` its usual 0-1 value. CIDEr-D is natively 0-10 (the COCO code
-  multiplies by 10), so ``CIDEr`` here lies on a 0-1000 scale: the number papers print as "CIDEr 115.2".
-- METEOR implements only the *exact-match* module (unigram P/R F-mean with alpha = 0.9, fragmentation
-  penalty gamma * (chunks / matches) ** beta with gamma = 0.5, beta = 3). The stemming, synonym and
-  paraphrase modules are omitted because they need WordNet / paraphrase-table downloads; our METEOR is
-  therefore a lower bound of the official one. The alignment is found by greedy tiling (longest common
-  run first), which attains the maximum number of matches and few chunks. The corpus METEOR is the mean of
-  per-record scores (best over references), not the Java tool's pooled statistics.
+What is exact and what is approximated (checked against pycocoevalcap 1.2 on hand cases in
+tests/test_caption_toolkit.py; docs/scorers.md has the whole story):
+- Tokenisation (:func:`tokenize`) imitates the toolkit's Stanford PTB tokenizer with its punctuation
+  removal: lowercase; clitics split off ("dog's" -> dog 's, "isn't" -> is n't); hyphenated words kept
+  whole; brackets become -lrb- / -rrb- tokens (the toolkit keeps them: its removal list is upper-case);
+  . , ; : ! ? quotes and lone dashes dropped. A regular-expression imitation, not the Java tokenizer:
+  rare inputs (abbreviations, URLs) may split differently.
+- BLEU-1..4: exact (corpus-level; clipped counts and lengths pooled; one brevity penalty from the total
+  hypothesis length and the sum of each record's closest reference length, ties to the shorter; the
+  toolkit's 1e-15 / 1e-9 guards included, so an order without a match scores a tiny number, not 0).
+- ROUGE-L: exact (LCS precision and recall each maxed over the references, F with beta = 1.2, mean over
+  records).
+- CIDEr-D: exact (n = 1..4, tf-idf with document frequencies from the test set's references, clipped
+  cosine, gaussian length penalty with sigma = 6, x10, mean over references and records).
+- METEOR: METEOR 1.5's formula and English parameters with the exact-match module only
+  (:mod:`cramcl.eval.meteor`): no stem, synonym or paraphrase matches, our own function-word list. It is
+  therefore at most the toolkit's METEOR (equal when no such match exists).
+
+Every component is reported as ``100 x`` its usual 0-1 value. CIDEr-D is natively 0-10 (the toolkit
+multiplies by 10), so ``CIDEr`` here lies on a 0-1000 scale: the number papers print as "CIDEr 115.2".
 """
 from __future__ import annotations
 
 import math
-import string
+import re
 from collections import Counter
+
+from cramcl.eval.meteor import corpus_meteor, meteor, meteor_single  # noqa: F401  (re-exported)
 
 Tokens = list[str]
 
-_PUNCT_TABLE = str.maketrans({c: " " for c in string.punctuation})
-METEOR_ALPHA, METEOR_GAMMA, METEOR_BETA = 0.9, 0.5, 3.0
 ROUGE_BETA = 1.2
+BLEU_TINY, BLEU_SMALL = 1e-15, 1e-9
 CIDER_N, CIDER_SIGMA = 4, 6.0
+
+_BRACKETS = {"(": " -lrb- ", ")": " -rrb- ", "[": " -lsb- ", "]": " -rsb- ", "{": " -lcb- ", "}": " -rcb- "}
+_BRACKET_TABLE = str.maketrans(_BRACKETS)
+# symbols that stand as tokens of their own ("$5" -> $ 5, "50%" -> 50 %)
+_SYMBOLS = re.compile(r"([$%#&@*+=<>|~^])")
+# clitics split off the end of a word; "cannot" -> can not
+_CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
+_ABBREVIATION = re.compile(r"(?:[a-z]\.){2,}")
+_EDGE_PUNCT = ".,;:!?'`\""
+# tokens the toolkit removes after tokenising (its list, lower-cased; the bracket names stay)
+DROPPED_TOKENS = frozenset({"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"})
+
+
+def _split_word(word: str) -> Tokens:
+    """One whitespace-separated chunk -> PTB-style tokens: leading and trailing punctuation off, clitic
+    off, internal periods (3.5, u.s.) and hyphens kept."""
+    lead, trail = [], []
+    while word and word[0] in _EDGE_PUNCT:
+        lead.append(word[0])
+        word = word[1:]
+    while word and word[-1] in _EDGE_PUNCT:
+        if _ABBREVIATION.fullmatch(word):  # u.s. keeps its final period
+            break
+        trail.insert(0, word[-1])
+        word = word[:-1]
+    core: Tokens = []
+    if word == "cannot":
+        core = ["can", "not"]
+    elif word:
+        m = _CLITIC.match(word)
+        core = [m.group(1), m.group(2)] if m else [word]
+    return lead + core + trail
 
 
 def tokenize(text: str) -> Tokens:
-    """Lowercase, split punctuation off (and drop it), split on whitespace."""
-    return str(text).lower().translate(_PUNCT_TABLE).split()
+    """PTB-style tokens of a caption, lower-cased, with the toolkit's punctuation tokens removed.
+    ``tokenize("The dog's ball isn't red!") == ["the", "dog", "'s", "ball", "is", "n't", "red"]``."""
+    text = _SYMBOLS.sub(r" \1 ", str(text).lower().translate(_BRACKET_TABLE).replace('"', " "))
+    return [t for chunk in text.split() for t in _split_word(chunk) if t not in DROPPED_TOKENS]
 
 
 def ngrams(tokens: Tokens, n: int) -> Counter:
@@ -61,8 +105,11 @@ def _brevity_penalty(hyp_len: int, ref_len: int) -> float:
 
 
 def corpus_bleu(hyps: list[Tokens], refs: list[list[Tokens]], max_n: int = 4) -> list[float]:
-    """Corpus BLEU-1..max_n (0-1): clipped matches and lengths are pooled over the corpus, one brevity
-    penalty from the summed hypothesis and closest-reference lengths (as in the COCO evaluation)."""
+    """Corpus BLEU-1..max_n (0-1) as the COCO toolkit computes it: clipped matches and lengths pooled over
+    the corpus; precision p_n = (correct_n + 1e-15) / (guess_n + 1e-9) (the toolkit's guards against
+    log 0, so an order with no match gives a tiny positive score, not 0); BLEU-n = (p_1 ... p_n)^(1/n)
+    times one brevity penalty exp(1 - 1/ratio) when ratio = (hyp_len + 1e-15) / (ref_len + 1e-9) < 1,
+    with ref_len the sum of each record's closest reference length."""
     correct, guess = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
     for hyp, rs in zip(hyps, refs):
@@ -72,15 +119,12 @@ def corpus_bleu(hyps: list[Tokens], refs: list[list[Tokens]], max_n: int = 4) ->
             c, g = _clipped_matches(hyp, rs, n)
             correct[n - 1] += c
             guess[n - 1] += g
-    bp = _brevity_penalty(hyp_len, ref_len)
-    scores, log_sum = [], 0.0
+    ratio = (hyp_len + BLEU_TINY) / (ref_len + BLEU_SMALL)
+    bp = math.exp(1.0 - 1.0 / ratio) if ratio < 1.0 else 1.0
+    scores, product = [], 1.0
     for n in range(1, max_n + 1):
-        if correct[n - 1] == 0:
-            # a zero precision makes this and every higher order zero (COCO gives ~1e-15 here)
-            scores.extend([0.0] * (max_n - n + 1))
-            break
-        log_sum += math.log(correct[n - 1] / guess[n - 1])
-        scores.append(bp * math.exp(log_sum / n))
+        product *= (correct[n - 1] + BLEU_TINY) / (guess[n - 1] + BLEU_SMALL)
+        scores.append(bp * product ** (1.0 / n))
     return scores
 
 
@@ -130,57 +174,6 @@ def rouge_l(hyp: Tokens, refs: list[Tokens], beta: float = ROUGE_BETA) -> float:
     if p == 0.0 or r == 0.0:
         return 0.0
     return (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
-
-
-# ---------------------------------------------------------------- METEOR (exact module)
-def _align(hyp: Tokens, ref: Tokens) -> list[tuple[int, int]]:
-    """One-to-one exact alignment by greedy tiling: repeatedly link the longest run of equal, still
-    unaligned tokens. Returns (hyp index, ref index) pairs sorted by hyp index."""
-    free_h, free_r = [True] * len(hyp), [True] * len(ref)
-    pairs: list[tuple[int, int]] = []
-    while True:
-        best = (0, 0, 0)  # (run length, hyp start, ref start)
-        for i in range(len(hyp)):
-            for j in range(len(ref)):
-                k = 0
-                while (i + k < len(hyp) and j + k < len(ref) and free_h[i + k] and free_r[j + k]
-                       and hyp[i + k] == ref[j + k]):
-                    k += 1
-                if k > best[0]:
-                    best = (k, i, j)
-        k, i, j = best
-        if k == 0:
-            return sorted(pairs)
-        for d in range(k):
-            free_h[i + d] = free_r[j + d] = False
-            pairs.append((i + d, j + d))
-
-
-def _chunks(pairs: list[tuple[int, int]]) -> int:
-    """Number of runs that are contiguous and in the same order in both sentences."""
-    chunks, prev = 0, None
-    for h, r in pairs:
-        if prev is None or h != prev[0] + 1 or r != prev[1] + 1:
-            chunks += 1
-        prev = (h, r)
-    return chunks
-
-
-def meteor_single(hyp: Tokens, ref: Tokens) -> float:
-    """METEOR (0-1) of one hypothesis against one reference, exact matches only."""
-    pairs = _align(hyp, ref)
-    m = len(pairs)
-    if m == 0:
-        return 0.0
-    p, r = m / len(hyp), m / len(ref)
-    f_mean = p * r / (METEOR_ALPHA * p + (1 - METEOR_ALPHA) * r)
-    penalty = METEOR_GAMMA * (_chunks(pairs) / m) ** METEOR_BETA
-    return f_mean * (1 - penalty)
-
-
-def meteor(hyp: Tokens, refs: list[Tokens]) -> float:
-    """Best METEOR over the references (as the METEOR tool scores multiple references)."""
-    return max((meteor_single(hyp, r) for r in refs), default=0.0)
 
 
 # ---------------------------------------------------------------- CIDEr-D
@@ -252,7 +245,7 @@ def caption_metrics(preds: list[str], refs: list) -> dict[str, float]:
     bleu = corpus_bleu(hyps, ref_toks)
     n = len(hyps)
     out = {f"BLEU-{k + 1}": 100.0 * b for k, b in enumerate(bleu)}
-    out["METEOR"] = 100.0 * sum(meteor(h, r) for h, r in zip(hyps, ref_toks)) / n
+    out["METEOR"] = 100.0 * corpus_meteor(hyps, ref_toks)
     out["ROUGE-L"] = 100.0 * sum(rouge_l(h, r) for h, r in zip(hyps, ref_toks)) / n
     out["CIDEr"] = 100.0 * sum(cider_d(hyps, ref_toks)) / n
     return out

@@ -49,10 +49,13 @@ def predict(accelerator, backbone, method, records, batch_size: int, desc: str =
     return [by_index[i] for i in range(len(records))]
 
 
-def score_records(scorer: str, records, predictions: list[str]) -> tuple[float, list[dict]]:
-    """Task score (0-100) and one row per record (id, prediction, reference, score)."""
+def score_records(scorer: str, records, predictions: list[str],
+                  params: dict | None = None) -> tuple[float, list[dict]]:
+    """Task score (0-100) and one row per record (id, prediction, reference, score). The scorer gets every
+    answer a record lists (repeats included: vqa_soft counts them), its question and its ``params``."""
     refs = [list(r.answers) if getattr(r, "answers", ()) else r.answer for r in records]
-    score, per_record = score_task(scorer, predictions, refs)
+    questions = [getattr(r, "question", "") or "" for r in records]
+    score, per_record = score_task(scorer, predictions, refs, questions=questions, params=params)
     rows = [{"id": r.id, "prediction": p, "reference": r.answer, "score": s}
             for r, p, s in zip(records, predictions, per_record)]
     return score, rows
