@@ -238,11 +238,12 @@ def _warmup_forward_gap(m) -> float:
 def _effective_delta_gap(m, new: int, rec: dict) -> float:
     """The new expert as the layer applies it (routing weight 1 on it, buffer off) vs its B @ A: any scale the
     layer applies on top of the stored factors shows here."""
-    saved_route, saved_buf = m.context.route, m.context.buffer_weight
+    saved_route, saved_buf, saved_active = m.context.route, m.context.buffer_weight, m.context.active
     worst = 0.0
     gen = torch.Generator().manual_seed(11)
     try:
         m.context.buffer_weight = None
+        m.context.active = None  # the probe's own routing: every expert may run
         for key, layer in m.layers.items():
             x = torch.randn(2, 3, layer.in_features, generator=gen)
             w = torch.zeros(2, layer.num_experts)
@@ -253,7 +254,7 @@ def _effective_delta_gap(m, new: int, rec: dict) -> float:
             ref = x @ (B @ A).t()
             worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
     finally:
-        m.context.route, m.context.buffer_weight = saved_route, saved_buf
+        m.context.route, m.context.buffer_weight, m.context.active = saved_route, saved_buf, saved_active
     return worst
 
 

@@ -6,10 +6,15 @@ their scale (CRAM's consolidation) has ``scale_k = 1``. The buffer adds ``buffer
 ``buffer_scale = alpha / R``.
 
 Forward, for x: (B, T, d_in) and routing weights w: (B, K) or (B, T, K) (K experts, None = all ones):
-    h = dropout(x) @ A_cat^T                      (B, T, sum_k r_k)   one matmul over every expert
+    h = dropout(x) @ A_cat^T                      (B, T, sum_k r_k)   one matmul over the active experts
     h = h * (w expanded to each expert's columns) * scale per column
     y = W0 x + h @ B_cat^T  [+ w_buf * buffer_scale * (dropout(x) @ A_buf^T) @ B_buf^T]
-Experts of different ranks are concatenated, never padded, never looped over.
+Experts of different ranks are concatenated, never padded. Only the *active* experts run: the method names
+them per batch (``RoutingContext.active``: the experts some sample of the batch can route to, e.g. CRAM's
+groups of the batch), so a sample's cost does not grow with experts it can never use. Frozen experts'
+concatenated factors, column owners and scales are built once per active set and reused until an expert
+changes (added, made trainable, or written in place); a trainable expert joins with its own matmul, never
+copied into the concatenation.
 """
 from __future__ import annotations
 
@@ -36,12 +41,14 @@ class RoutingContext:
     route: RouteFn | None = None
     buffer_weight: float | Tensor | None = None
     capture: Callable[["MultiLoRALinear", Tensor], None] | None = None
+    active: tuple[int, ...] | None = None  # experts the batch may use (their weights may be nonzero); None = all
     extra: dict = field(default_factory=dict)
 
     def reset(self) -> None:
         self.route = None
         self.buffer_weight = None
         self.capture = None
+        self.active = None
         self.extra.clear()
 
 
@@ -63,7 +70,7 @@ class MultiLoRALinear(nn.Module):
         self.buffer_A: nn.Parameter | None = None
         self.buffer_B: nn.Parameter | None = None
         self.buffer_scale = 0.0
-        self._col_owner: Tensor | None = None  # (sum r,) expert index of each concatenated column
+        self._frozen_cache: dict = {}  # active frozen experts -> (versions, A_cat, B_cat, weight columns, scales)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -104,7 +111,7 @@ class MultiLoRALinear(nn.Module):
         self.experts_A.append(nn.Parameter(A))
         self.experts_B.append(nn.Parameter(B))
         self.expert_scales.append(float(scale))
-        self._col_owner = None
+        self._frozen_cache.clear()
         return self.num_experts - 1
 
     def set_expert_trainable(self, index: int, trainable: bool) -> None:
@@ -130,25 +137,20 @@ class MultiLoRALinear(nn.Module):
         self.buffer_B = None
 
     # ------------------------------------------------------------------ forward
-    def _column_owner(self, device) -> Tensor:
-        if self._col_owner is None or self._col_owner.device != device:
-            owner = [k for k, r in enumerate(self.ranks) for _ in range(r)]
-            self._col_owner = torch.tensor(owner, dtype=torch.long, device=device)
-        return self._col_owner
-
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         ctx = self.context
         if ctx.capture is not None:
             ctx.capture(self, x)
         has_buffer = self.buffer_A is not None and ctx.buffer_weight is not None
-        if self.num_experts == 0 and not has_buffer:
+        active = range(self.num_experts) if ctx.active is None else ctx.active
+        if not active and not has_buffer:
             return y
         xd = self.dropout(x).to(self.experts_A[0].dtype if self.num_experts else self.buffer_A.dtype)
         delta = torch.zeros((), dtype=xd.dtype, device=xd.device)
-        if self.num_experts:
+        if active:
             weights = ctx.route(self, x) if ctx.route is not None else None
-            delta = self._experts_forward(xd, weights)
+            delta = self._experts_forward(xd, weights, tuple(active))
         if has_buffer:
             w = ctx.buffer_weight
             buf = (xd @ self.buffer_A.t()) @ self.buffer_B.t() * self.buffer_scale
@@ -157,24 +159,49 @@ class MultiLoRALinear(nn.Module):
             delta = delta + w * buf
         return y + delta.to(y.dtype)
 
-    def _experts_forward(self, xd: Tensor, weights: Tensor | None) -> Tensor:
-        """xd: (B, T, d_in); weights: None | (B, K) | (B, T, K) -> (B, T, d_out)."""
-        A_cat = torch.cat(list(self.experts_A), dim=0)  # (R, d_in)
-        B_cat = torch.cat(list(self.experts_B), dim=1)  # (d_out, R)
-        owner = self._column_owner(xd.device)
-        col_scale = torch.tensor(self.expert_scales, dtype=xd.dtype, device=xd.device)[owner]  # (R,)
-        h = xd @ A_cat.t()  # (B, T, R)
-        if weights is None:
-            h = h * col_scale
-        else:
+    def _frozen_factors(self, frozen: tuple[int, ...], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A_cat (R, d_in), B_cat (d_out, R), owner (R,) expert index per column, scale (R,)) of frozen
+        experts, built once and reused while none of them changes (``_version`` counts in-place writes)."""
+        versions = tuple((id(self.experts_A[k]), self.experts_A[k]._version, id(self.experts_B[k]),
+                          self.experts_B[k]._version, self.expert_scales[k]) for k in frozen)
+        hit = self._frozen_cache.get(frozen)
+        if hit is not None and hit[0] == versions and hit[1].device == device:
+            return hit[1:]
+        with torch.no_grad():
+            A_cat = torch.cat([self.experts_A[k] for k in frozen], dim=0)
+            B_cat = torch.cat([self.experts_B[k] for k in frozen], dim=1)
+        owner = torch.tensor([k for k in frozen for _ in range(self.experts_A[k].shape[0])], device=device)
+        scale = torch.tensor([self.expert_scales[k] for k in frozen for _ in range(self.experts_A[k].shape[0])],
+                             dtype=A_cat.dtype, device=device)
+        self._frozen_cache[frozen] = (versions, A_cat, B_cat, owner, scale)
+        return A_cat, B_cat, owner, scale
+
+    def _experts_forward(self, xd: Tensor, weights: Tensor | None, active: tuple[int, ...]) -> Tensor:
+        """xd: (B, T, d_in); weights: None | (B, K) | (B, T, K) over all K experts, zero outside ``active``
+        -> (B, T, d_out), summed over the active experts only."""
+        if weights is not None:
             if weights.shape[0] != xd.shape[0] or weights.shape[-1] != self.num_experts:
                 raise RuntimeError(f"{self.key}: routing weights {tuple(weights.shape)} do not fit a batch of "
                                    f"{xd.shape[0]} over {self.num_experts} experts (stale routing state?)")
-            w_cols = weights.to(xd.dtype)[..., owner] * col_scale  # (B, R) or (B, T, R)
-            if w_cols.dim() == 2 and h.dim() == 3:
-                w_cols = w_cols.unsqueeze(1)
-            h = h * w_cols
-        return h @ B_cat.t()
+            weights = weights.to(xd.dtype)
+            if weights.dim() == 2 and xd.dim() == 3:
+                weights = weights.unsqueeze(1)  # (B, 1, K): one weight per sample for every token
+        frozen = tuple(k for k in active if not self.experts_A[k].requires_grad)
+        out = None
+        if frozen:
+            A_cat, B_cat, owner, scale = self._frozen_factors(frozen, xd.device)
+            h = xd @ A_cat.t()  # (B, T, R)
+            h = h * (scale if weights is None else weights[..., owner] * scale)
+            out = h @ B_cat.t()
+        for k in active:  # trainable experts (one in CRAM's stable phase): their own matmul, never copied
+            if not self.experts_A[k].requires_grad:
+                continue
+            h = (xd @ self.experts_A[k].t()) * self.expert_scales[k]
+            if weights is not None:
+                h = h * weights[..., k:k + 1]
+            part = h @ self.experts_B[k].t()
+            out = part if out is None else out + part
+        return out
 
     def extra_repr(self) -> str:
         return f"key={self.key}, ranks={self.ranks}, buffer={'on' if self.buffer_A is not None else 'off'}"

@@ -239,12 +239,16 @@ class Cram(Method):
             self._c_buf.add(q.cpu())
             self._update_prototype(records)
             self._weights = torch.zeros(self.num_layers, len(records), len(self.expert_group), device=self.device)
+            self.context.active = ()  # warm-up: only the buffer acts, no expert runs
             return
         if train:
             self._update_prototype(records)
             groups = torch.full((len(records),), self.task_group[-1], dtype=torch.long)
         else:
             groups = self.assign_groups(records)
+        # a sample runs only its own group's experts: the batch computes over the groups it holds, not all
+        present = set(groups.tolist())
+        self.context.active = tuple(k for k, g in enumerate(self.expert_group) if g in present)
         self._image_mask = batch.get("image_mask")
         oracle_task = batch.get("task_index") if self.uses_task_id_at_eval or train else None
         self._weights = self.routing_weights(records, groups, self.current_task if train else oracle_task)
