@@ -299,3 +299,30 @@ def test_run_with_a_corrupt_image_is_bad_input_naming_the_file(tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 2, err
     assert "bad.png" in err and "unreadable image" in err
+
+
+def test_settings_are_accepted_anywhere_on_the_line():
+    from cramcl.cli import _parse
+
+    args = _parse(["run", "train.lr=3e-4", "--method", "cram", "method.sigma=0.5", "--profile", "quick", "seed=2"])
+    assert args.method == "cram" and args.profile == "quick"
+    assert args.overrides == ["train.lr=3e-4", "method.sigma=0.5", "seed=2"]
+    with pytest.raises(SystemExit):
+        _parse(["run", "a=1", "--method", "cram", "--bogus"])
+    with pytest.raises(SystemExit):
+        _parse(["metrics", "m.json", "train.lr=1"])  # metrics takes no settings
+
+
+def test_progress_bars_write_rarely_when_stderr_is_not_a_terminal(monkeypatch):
+    import io
+
+    from cramcl.utils import progress
+
+    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())
+    progress.set_interval(45)
+    try:
+        b = progress.bar(range(3), desc="x")
+        assert b.mininterval == 45
+        b.close()
+    finally:
+        progress.set_interval(30)

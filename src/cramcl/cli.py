@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-validate", action="store_true", help="skip decoding every image before training (huge "
                    "sets); a bad record is then named when it is met")
     r.add_argument("--force", action="store_true", help="with --resume: accept changes that cannot alter computed "
-                   "results (train.eval_batch_size, train.log_every)")
+                   "results (train.eval_batch_size, train.log_every, train.progress_seconds)")
 
     c = sub.add_parser("compare", help="several methods on the same stream, seed and budget")
     run_args(c, methods_flag=True)
@@ -179,6 +180,21 @@ COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "eval": _cmd_eval, "metric
             "validate": _cmd_validate, "inspect": _cmd_inspect}
 
 
+_SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; ``KEY=VALUE`` settings may stand anywhere on it, before or after options."""
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    settings = [e for e in extras if _SETTING.match(e)]
+    if len(settings) != len(extras) or (settings and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if settings:
+        args.overrides = [*args.overrides, *settings]
+    return args
+
+
 class _Terminated(Exception):
     """SIGTERM, turned into an exception so that the run ends through the same message as Ctrl-C."""
 
@@ -199,7 +215,7 @@ def _resume_hint(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
         return _dispatch(args)

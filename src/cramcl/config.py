@@ -78,6 +78,7 @@ class TrainConfig:
     # tasks, as a deployed model's inputs do; per_task: one task at a time
     eval_batches: str = "mixed"
     log_every: int = 10
+    progress_seconds: float = 30.0  # when stderr is not a terminal: one progress update per this many seconds
 
 
 @dataclass
@@ -302,6 +303,7 @@ CHOICES = {("train", "scheduler"): ("cosine", "constant"), ("train", "eval_batch
 RANGES = {("train", "steps_per_task"): (1, None), ("train", "batch_size"): (1, None), ("train", "grad_accum"): (1, None),
           ("train", "lr"): (0, None, False), ("train", "weight_decay"): (0, None), ("train", "warmup_ratio"): (0, 1),
           ("train", "grad_clip"): (0, None), ("train", "eval_batch_size"): (1, None), ("train", "log_every"): (1, None),
+          ("train", "progress_seconds"): (0, None, False),
           ("data", "builtin_n_train"): (1, None), ("data", "builtin_n_test"): (1, None), ("data", "builtin_seed"): (0, None),
           ("data", "max_train_per_task"): (1, None), ("data", "max_test_per_task"): (1, None),
           ("backbone", "base_steps"): (0, None), ("backbone", "base_batch_size"): (1, None),

@@ -35,7 +35,7 @@ def load_stream(cfg: DataConfig) -> Benchmark:
 def check_stream_images(bench: Benchmark) -> None:
     """Decode every image of every task (each file once, with a progress bar); every unreadable one is bad
     input naming the image, the task, the split and the first record that uses it."""
-    from tqdm import tqdm
+    from cramcl.utils.progress import bar as progress_bar
 
     from cramcl.data.records import check_image
 
@@ -45,7 +45,7 @@ def check_stream_images(bench: Benchmark) -> None:
             for r in records:
                 first_use.setdefault(r.image, f"task '{task.name}' {split} record '{r.id}'")
     problems = []
-    for path in tqdm(first_use, desc="checking images", unit="img", leave=False, disable=len(first_use) < 2000):
+    for path in progress_bar(first_use, desc="checking images", unit="img", leave=False, disable=len(first_use) < 2000):
         why = check_image(path)
         if why:
             problems.append(f"{path}: unreadable image ({why}); used by {first_use[path]}")

@@ -16,7 +16,7 @@ from cramcl.errors import BadInputError
 
 # Settings that only affect how later evaluation batches are cut or how often progress is logged: scores already
 # in the matrix stay as they are (a later evaluation with another batch size may round floats differently).
-FORCE_SAFE = frozenset({"train.eval_batch_size", "train.log_every"})
+FORCE_SAFE = frozenset({"train.eval_batch_size", "train.log_every", "train.progress_seconds"})
 # Settings about checking inputs, not about the run: changed freely on resume (e.g. --no-validate).
 NOT_A_CHANGE = frozenset({"data.validate_images"})
 

@@ -30,6 +30,9 @@ def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = Fals
     from cramcl.methods.base import Services
     from cramcl.methods.registry import build_method
 
+    from cramcl.utils.progress import set_interval
+
+    set_interval(cfg.train.progress_seconds)
     bench = load_stream(cfg.data)
     if check_images:
         check_stream_images(bench)

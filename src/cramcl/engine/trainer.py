@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
+from cramcl.utils.progress import bar as progress_bar
 
 from cramcl.config import TrainConfig
 from cramcl.engine.kill_points import kill_point
@@ -102,7 +102,7 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
     micro_global = cfg.batch_size * world  # one forward across all processes
     all_batches = global_batches(len(records), total * cfg.grad_accum, micro_global, seed)
     done, last_loss, trained, skipped = 0, None, {}, 0
-    bar = tqdm(total=total, desc=f"task {task_index}", disable=not accelerator.is_local_main_process, leave=False)
+    bar = progress_bar(total=total, desc=f"task {task_index}", disable=not accelerator.is_local_main_process, leave=False)
     for phase in phases:
         method.begin_phase(phase)
         params = method.trainable_parameters()
@@ -160,7 +160,7 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
             last_loss = loss.item()
             rate = (micro + 1) / cfg.grad_accum / max(1e-9, time.perf_counter() - t_phase)
             bar.update(1)
-            bar.set_postfix(phase=phase.name, loss=f"{last_loss:.3f}", steps_s=f"{rate:.1f}")
+            bar.set_postfix(phase=phase.name, loss=f"{last_loss:.3f}", steps_s=f"{rate:.1f}", refresh=False)
             if done % cfg.log_every == 0 or done == total:
                 scalars = {f"train/{task_index}/loss": last_loss, "train/lr": opt.param_groups[0]["lr"]}
                 scalars.update({f"train/{task_index}/{k}": float(v) for k, v in aux.items()})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from tqdm import tqdm
+from cramcl.utils.progress import bar as progress_bar
 
 from cramcl.engine.kill_points import kill_point
 from cramcl.eval.scorers import score_task
@@ -31,7 +31,7 @@ def predict(accelerator, backbone, method, records, batch_size: int, desc: str =
     mine = list(range(rank, len(records), world))
     local = []
     starts = range(0, len(mine), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+    for start in progress_bar(starts, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         idx = mine[start:start + batch_size]
         batch = backbone.collate([records[i] for i in idx], train=False)
         batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}

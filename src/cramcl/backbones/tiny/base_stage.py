@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
+from cramcl.utils.progress import bar as progress_bar
 
 from cramcl.backbones.tiny.vision import cache_root
 
@@ -52,7 +52,7 @@ def _train(model, make_batch, n_records: int, steps: int, batch_size: int, lr: f
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     order: list[int] = []
-    bar = tqdm(range(steps), desc="base stage", leave=False)
+    bar = progress_bar(range(steps), desc="base stage", leave=False)
     for _ in bar:
         if len(order) < batch_size:
             perm = list(range(n_records))
@@ -65,5 +65,5 @@ def _train(model, make_batch, n_records: int, steps: int, batch_size: int, lr: f
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm import tqdm
+from cramcl.utils.progress import bar as progress_bar
 
 FEATURE_DIM = 1280
 
@@ -81,7 +81,7 @@ class EfficientNetFeatures:
             else:
                 todo.append((path, dg))
         todo = list({dg: (p, dg) for p, dg in todo}.values())
-        for start in tqdm(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
+        for start in progress_bar(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
             chunk = todo[start:start + self.batch_size]
             x = torch.stack([load_image_tensor(p, self.image_size) for p, _ in chunk])
             feats = self.net.extract_features(x)  # (b, 1280, h, w)

@@ -1,0 +1,24 @@
+"""Progress bars that stay readable in a log file: on a terminal tqdm redraws as usual; when stderr is not a
+terminal (a log, a batch job), a bar writes at most one update every ``interval`` seconds
+(``train.progress_seconds``, 30 by default) instead of one per step."""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+_interval = 30.0
+
+
+def set_interval(seconds: float) -> None:
+    """Seconds between two updates of a bar when stderr is not a terminal (from train.progress_seconds)."""
+    global _interval
+    _interval = max(0.1, float(seconds))
+
+
+def bar(iterable=None, **kwargs) -> tqdm:
+    """``tqdm(iterable, **kwargs)`` with the update rate of the output it writes to."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", _interval)
+        kwargs.setdefault("maxinterval", max(_interval, 10.0))
+    return tqdm(iterable, **kwargs)
