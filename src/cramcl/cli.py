@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--methods", required=True, help="comma-separated method names or variants "
                             "NAME:key=value[:key=value], e.g. cram,cram:routing=oracle,lora-ft")
         else:
-            sp.add_argument("--method", help="method name (default: cram)")
+            sp.add_argument("--method", help="method name (default: cram), or a method of your own: "
+                            "path/to/file.py:ClassName or package.module:ClassName")
         sp.add_argument("--profile", choices=["quick", "default"], help="quick: ~1 min smoke run; default: the demo")
         sp.add_argument("--out", help="run directory (default: runs/<method>-<profile>)")
         sp.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: one run per seed in OUT/seed_<s>/ "
@@ -85,7 +86,12 @@ def _cmd_run(args) -> int:
             asked["overrides"] = [*asked["overrides"], "data.validate_images=false"]
         else:
             cfg.data.validate_images = False
-    out = Path(args.out or f"runs/{cfg.method}-{cfg.profile}")
+    if args.out:
+        out = Path(args.out)
+    else:
+        from cramcl.methods.registry import method_label
+
+        out = Path(f"runs/{method_label(cfg.method)}-{cfg.profile}")
     if args.seeds:
         from cramcl.engine.seeds import parse_seeds, run_seeds
 

@@ -255,7 +255,9 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
     user_name, user_args = _split_method(user, str(config_file))
     cli_name, cli_args = _split_method(cli, "command line")
     # the method and profile may come from any layer; the command line's flags win
-    method = method or cli_name or user_name or "cram"
+    from cramcl.methods.registry import is_builtin, normalize_method_name
+
+    method = normalize_method_name(method or cli_name or user_name or "cram")
     profile = profile or cli.pop("profile", None) or user.pop("profile", None) or "default"
     if not isinstance(profile, str) or profile not in PROFILES:
         raise BadInputError(f"--profile: unknown profile '{profile}'{_nearest(str(profile), list(PROFILES))}")
@@ -263,7 +265,7 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
 
     layers: list[tuple[str, dict, dict]] = []  # (where, run settings, method settings)
     method_yaml = CONFIG_DIR / "methods" / f"{method}.yaml"
-    if method_yaml.exists():
+    if is_builtin(method) and method_yaml.exists():
         layers.append((str(method_yaml), {}, _read_yaml(method_yaml)))
     prof = _read_yaml(CONFIG_DIR / "profiles" / f"{profile}.yaml")
     method_overrides = prof.pop("method_overrides", {}) or {}

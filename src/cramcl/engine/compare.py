@@ -35,7 +35,9 @@ def run_or_resume(cfg, run: Path, label: str, log=print) -> None:
 def parse_variant(spec: str) -> tuple[str, list[str]]:
     """``"cram:routing=oracle:lambda_orth=0"`` -> ("cram", ["method.routing=oracle", "method.lambda_orth=0"]):
     a method with some of its settings changed, compared beside the others under that spec as its name."""
-    name, *pairs = spec.split(":")
+    parts = spec.split(":")
+    first_setting = next((i for i, p in enumerate(parts) if "=" in p), len(parts))
+    name, pairs = ":".join(parts[:first_setting]), parts[first_setting:]  # a user's file.py:Class keeps its ':'
     bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
     if not name or bad:
         raise BadInputError(f"--methods: '{spec}' is not NAME or NAME:key=value[:key=value...]")
@@ -43,8 +45,13 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 
 def variant_dir(spec: str) -> str:
-    """The run directory name of a method spec (``cram:routing=oracle`` -> ``cram+routing=oracle``)."""
-    return spec.replace(":", "+").replace("/", "_")
+    """The run directory name of a method spec (``cram:routing=oracle`` -> ``cram+routing=oracle``; a user's
+    ``path/to/m.py:Class`` -> its class's name)."""
+    from cramcl.methods.registry import method_label
+
+    name, settings = parse_variant(spec)
+    label = method_label(name) if ":" in name else name
+    return "+".join([label, *(s.removeprefix("method.") for s in settings)]).replace("/", "_")
 
 
 def run_compare(methods: list[str], out: Path, *, profile=None, config_file=None, benchmark=None, overrides=(),
