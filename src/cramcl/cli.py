@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check every record and image of a benchmark")
     v.add_argument("--benchmark", required=True)
 
+    pr = sub.add_parser("predict", help="answer new questions with a finished run (no task id)")
+    pr.add_argument("--run", required=True, help="run directory")
+    pr.add_argument("--image", help="an image file (with --question)")
+    pr.add_argument("--question", help="the question about --image")
+    pr.add_argument("--records", help="a JSONL file of {\"id\", \"image\", \"question\"} (images relative to it)")
+    pr.add_argument("--out", help="write the answers as JSONL here (default: standard output)")
+    pr.add_argument("--explain", action="store_true", help="also show how the method routed each record")
+    pr.add_argument("--after-task", type=int, help="checkpoint index (default: the last finished task)")
+
     i = sub.add_parser("inspect", help="adapted modules, parameter counts and routing state")
     i.add_argument("--config", help="a YAML file of settings (without --run: the model it would build)")
     i.add_argument("--method", help="method name (without --run; default: cram)")
@@ -182,7 +191,25 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "eval": _cmd_eval, "metrics": _cmd_metrics,
+def _cmd_predict(args) -> int:
+    from cramcl.engine.predict import one_question, predict_run, read_questions
+
+    if bool(args.records) == bool(args.image or args.question):
+        raise BadInputError("predict: give either --image and --question, or --records FILE.jsonl")
+    if not args.records and not (args.image and args.question):
+        raise BadInputError("predict: --image and --question go together")
+    records = read_questions(Path(args.records)) if args.records else one_question(args.image, args.question)
+    rows = predict_run(Path(args.run), records, explain=args.explain, after_task=args.after_task)
+    if args.out:
+        from cramcl.eval.evaluate import write_jsonl_atomic
+
+        write_jsonl_atomic(Path(args.out), rows)
+    else:
+        sys.stdout.write("".join(json.dumps(row) + "\n" for row in rows))
+    return 0
+
+
+COMMANDS = {"predict": _cmd_predict, "run": _cmd_run, "compare": _cmd_compare, "eval": _cmd_eval, "metrics": _cmd_metrics,
             "validate": _cmd_validate, "inspect": _cmd_inspect}
 
 

@@ -116,9 +116,9 @@ def _resolve(name: str):
         return _load_spec(plugins[name], f"entry point '{name}'")
     known = list(_METHODS) + sorted(plugins)
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
-    raise BadInputError(f"--method: unknown method '{name}'{hint}; a method of your own is "
-                        "path/to/file.py:ClassName or package.module:ClassName")
+    hint = (f" (did you mean '{close[0]}'?)" if close else
+            f" (known: {', '.join(known)}; a method of your own is path/to/file.py:ClassName or module:ClassName)")
+    raise BadInputError(f"--method: unknown method '{name}'{hint}")
 
 
 def method_class(name: str):
