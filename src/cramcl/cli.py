@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--explain", action="store_true", help="also show how the method routed each record")
     pr.add_argument("--after-task", type=int, help="checkpoint index (default: the last finished task)")
 
+    ex = sub.add_parser("export", help="write one task's expert as a PEFT LoRA adapter directory")
+    ex.add_argument("--run", required=True, help="run directory")
+    ex.add_argument("--task", required=True, help="the task whose expert to export")
+    ex.add_argument("--format", choices=["peft"], default="peft")
+    ex.add_argument("--after-task", type=int, help="checkpoint index (default: the last finished task)")
+    ex.add_argument("out", metavar="OUT", help="a new (or empty) directory")
+
     i = sub.add_parser("inspect", help="adapted modules, parameter counts and routing state")
     i.add_argument("--config", help="a YAML file of settings (without --run: the model it would build)")
     i.add_argument("--method", help="method name (without --run; default: cram)")
@@ -209,7 +216,18 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"predict": _cmd_predict, "run": _cmd_run, "compare": _cmd_compare, "eval": _cmd_eval, "metrics": _cmd_metrics,
+def _cmd_export(args) -> int:
+    from cramcl.engine.export import export_peft
+    from cramcl.engine.session import open_finished_run
+
+    session, _, _ = open_finished_run(Path(args.run), args.after_task, log=lambda *a: None)
+    out = export_peft(session, args.task, Path(args.out))
+    print(f"done: {out} (load with peft.PeftModel.from_pretrained(base, '{out}'); the task's expert alone, "
+          "without routing)")
+    return 0
+
+
+COMMANDS = {"export": _cmd_export, "predict": _cmd_predict, "run": _cmd_run, "compare": _cmd_compare, "eval": _cmd_eval, "metrics": _cmd_metrics,
             "validate": _cmd_validate, "inspect": _cmd_inspect}
 
 

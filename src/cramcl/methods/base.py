@@ -108,6 +108,11 @@ class Method:
     def report_sections(self) -> list[tuple[str, str]]:
         return []
 
+    def expert_for_task(self, task_index: int) -> int | None:
+        """The index of the one expert that serves a task on its own (for export), or None when the method
+        has no such expert (it mixes shared experts, or the task has not trained)."""
+        return None
+
     def stream_analysis(self, tasks) -> dict:
         """Method-specific numbers about the stream so far (e.g. CRAM's group accuracy); JSON-able."""
         return {}

@@ -197,6 +197,9 @@ class Cram(Method):
         return super().trainable_parameters() + [p for p in self.centroids.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ consolidation
+    def expert_for_task(self, task_index: int) -> int | None:
+        return self.expert_task.index(task_index) if task_index in self.expert_task else None
+
     def _group_experts(self, group: int, exclude: int | None = None) -> list[int]:
         return [k for k, g in enumerate(self.expert_group) if g == group and k != exclude]
 

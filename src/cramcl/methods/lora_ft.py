@@ -26,6 +26,9 @@ class LoraFT(Method):
         for layer in self.layers.values():  # loaded checkpoints come back frozen; this LoRA keeps training
             layer.set_expert_trainable(0, True)
 
+    def expert_for_task(self, task_index: int) -> int | None:
+        return 0 if task_index < len(self.task_names) else None  # the one LoRA, as it stands after the stream
+
     def param_counts(self) -> dict[str, int]:
         counts = super().param_counts()
         counts["trainable"] = counts["stored"]  # the same LoRA trains on every task

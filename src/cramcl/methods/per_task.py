@@ -23,6 +23,10 @@ class PerTaskLora(Method):
         freeze_all_experts(self.layers)
         self.current_task = None
 
+    def expert_for_task(self, task_index: int) -> int | None:
+        experts = next(iter(self.layers.values())).num_experts
+        return task_index if task_index < experts else None
+
     def one_expert_params(self) -> int:
         return sum(lora_params(layer, self.cfg.rank) for layer in self.layers.values())
 
