@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods.cram_math import consolidate_buffer, gated_orthogonality_penalty, orth_history_basis
-from cramcl.methods.cram_routing import CentroidBank, group_layer_weights, scatter_group_weights
+from cramcl.methods.cram_routing import SIGMA_UNITS, CentroidBank, group_layer_weights, scatter_group_weights
 from cramcl.routing.centroid import CentroidAccumulator
 from cramcl.routing.groups import InstructionGroups
 from cramcl.errors import BadInputError
@@ -41,6 +41,7 @@ class CramConfig(RoutingEncoderConfig):
     warmup_fraction: float = 0.05
     no_warmup: bool = False  # ablation: the buffer joins the pool as the task's expert (no consolidation)
     sigma: float = 2.0
+    sigma_units: str = "absolute"  # absolute (the paper's) | gap: sigma relative to the group's closest centroid pair
     routing: str = "per_sample"  # per_sample | batch_mean (the authors') | uniform | oracle (analysis only)
     grouping: bool = True  # False: one pool (no level 1)
     join_threshold: float = 0.8
@@ -57,6 +58,8 @@ class Cram(Method):
         super().__init__(config)
         if config.routing not in ROUTING_MODES:
             raise BadInputError(f"method.routing: '{config.routing}' is not one of {', '.join(ROUTING_MODES)}")
+        if config.sigma_units not in SIGMA_UNITS:
+            raise BadInputError(f"method.sigma_units: '{config.sigma_units}' is not one of {', '.join(SIGMA_UNITS)}")
         self.uses_task_id_at_eval = config.routing == "oracle"
         self.groups = InstructionGroups(config.join_threshold, config.theta, config.max_groups if config.grouping else 1)
         self.centroids = CentroidBank()
@@ -224,7 +227,7 @@ class Cram(Method):
                 own = [experts.index(self.expert_task.index(task_index))] if task_index in self.expert_task else [0]
                 oracle = torch.tensor(own * rows.numel(), device=self.device)
             weights = group_layer_weights(q[rows], self.centroids.stacked(experts), self.cfg.sigma,
-                                          self.cfg.routing, oracle)
+                                          self.cfg.routing, oracle, self.cfg.sigma_units)
             per_group[g] = (rows, weights, experts)
         return scatter_group_weights(per_group, len(records), len(self.expert_group), self.num_layers)
 
