@@ -5,7 +5,8 @@ A tiny random-weight LLaVA (built from its config, offline) gives the routing im
 pooled, L2-normalised). Two sets of visually different inputs (shapes on light backgrounds, shapes on dark
 ones) play two experts of one group: each expert's centroid is its set's mean embedding over 32 images (as
 c_buf is), and the weights are measured on 64 other images of each set with the sigma the backbone configs
-shipped (2.0, the paper's value for unnormalised CLIP features) and the one they ship now (0.25).
+shipped (2.0, the paper's value for unnormalised CLIP features), 0.25 in the embedding's units, and
+what they ship now (0.25 relative to the centroids' gap, `sigma_units: gap`).
 
     python bench/routing_scale.py            # prints a table and one JSON line
 """
@@ -23,13 +24,13 @@ from cramcl.backbones.hf import HFBackbone, HFOptions
 from cramcl.backbones.hf.tiny_models import build_tiny_model
 from cramcl.data.records import Record
 from cramcl.methods.cram_routing import routing_check
-from cramcl.routing.centroid import rbf_routing_weights
+from cramcl.routing.centroid import centroid_gap, rbf_routing_weights
 
-SIGMAS = {"before (paper's 2.0)": 2.0, "after (0.25)": 0.25}
+SIGMAS = {"before (paper's 2.0)": 2.0, "0.25 in the embedding's units": 0.25, "now (0.25, gap units)": "gap"}
 
 
 def _images(root: Path, kind: str, n: int, offset: int) -> list[Record]:
-    g = torch.Generator().manual_seed(hash(kind) % 1000 + offset)
+    g = torch.Generator().manual_seed({"light": 1, "dark": 2}[kind] * 10000 + offset)
     out = []
     for i in range(n):
         light = kind == "light"
@@ -59,7 +60,9 @@ def main() -> int:
         centroids = torch.stack([embed(warm).mean(0) for warm, _ in sets.values()])  # (2, D): c_buf per set
         held_out = {kind: embed(test) for kind, (_, test) in sets.items()}
         rows = {}
+        gap = float(centroid_gap(centroids))
         for label, sigma in SIGMAS.items():
+            sigma = 0.25 * gap ** 0.5 if sigma == "gap" else sigma  # sigma_eff of sigma_units=gap
             own = {kind: float(rbf_routing_weights(q, centroids, sigma)[:, e].mean())
                    for e, (kind, q) in enumerate(held_out.items())}
             check = routing_check(held_out["dark"], centroids, own=1, sigma=sigma)
@@ -67,9 +70,9 @@ def main() -> int:
                            "nearest_own_centroid": check["separable"], "median_gap": check["gap"],
                            "sigma_for_0_9": check["sigma_for_0_9"]}
     print("tiny random-weight LLaVA (configs/backbones/llava-1.5-7b.yaml's routing embedding), two experts:")
-    print(f"{'sigma':<22} {'light->own':>10} {'dark->own':>10} {'nearest own':>12} {'warning':>8}")
+    print(f"{'sigma':<32} {'light->own':>10} {'dark->own':>10} {'nearest own':>12} {'warning':>8}")
     for label, r in rows.items():
-        print(f"{label:<22} {r['own_weight']['light']:>10.3f} {r['own_weight']['dark']:>10.3f} "
+        print(f"{label:<32} {r['own_weight']['light']:>10.3f} {r['own_weight']['dark']:>10.3f} "
               f"{100 * r['nearest_own_centroid']:>11.0f}% {('yes' if r['near_uniform_warning'] else 'no'):>8}")
     print(json.dumps({"bench": "routing_scale", "rows": rows}))
     return 0

@@ -294,7 +294,11 @@ def _penalty_probe(s, records_mixed):
                 Q = _basis(torch.cat([layer.experts_B[k].detach().t() for k in history]))
             E = (z @ Q).pow(2).sum(-1)
             C = torch.stack([m.centroids.centroids[k][layer.layer_index].detach() for k in members])
-            pi = _rbf(q, C, m.cfg.sigma)
+            sigma = m.cfg.sigma
+            if m.cfg.sigma_units == "gap":  # sigma relative to the closest pair of the group's centroids
+                d2 = (C[:, None, :] - C[None, :, :]).pow(2).sum(-1)
+                sigma = sigma * float(d2[~torch.eye(len(C), dtype=torch.bool)].min()) ** 0.5
+            pi = _rbf(q, C, sigma)
             gate = pi[:, :len(history)].sum(-1)
             gates.append(gate)
             per_module.append((gate * E).mean())

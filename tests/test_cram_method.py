@@ -174,3 +174,24 @@ def test_oracle_routing_is_marked_as_using_the_task_id(tmp_path, warm_cache):
     s = _session(tmp_path, ["method.routing=oracle"])
     assert s.method.uses_task_id_at_eval
     assert not _session(tmp_path / "b").method.uses_task_id_at_eval
+
+
+def test_routing_uses_sigma_in_units_of_the_centroid_gap(two_tasks):
+    """The profiles state sigma relative to the group's closest centroid pair; the method must route so."""
+    from cramcl.methods.cram_routing import group_layer_weights
+
+    s, m = two_tasks, two_tasks.method
+    assert m.cfg.sigma_units == "gap"
+    recs = list(s.bench.tasks[1].test[:6])
+    s.backbone.prepare(recs)
+    w = m.routing_weights(recs, torch.zeros(len(recs), dtype=torch.long))  # both experts in group 0
+    q = m.encoders.image_embeddings(recs).to(m.device)
+    ref = group_layer_weights(q, m.centroids.stacked([0, 1]), m.cfg.sigma, "per_sample", sigma_units="gap")
+    assert torch.allclose(w, ref.to(w.dtype), atol=1e-6)
+
+
+def test_unknown_sigma_units_is_a_config_error(tmp_path, warm_cache):
+    from cramcl.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="sigma_units"):
+        _session(tmp_path, ["method.sigma_units=metres"])

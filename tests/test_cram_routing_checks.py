@@ -69,7 +69,7 @@ def sharp(tmp_path_factory, warm_cache):
 def test_near_uniform_routing_is_warned_about_and_reported(tmp_path, warm_cache):
     from cramcl.methods.cram_state import report_sections
 
-    s, log = _two_domains(tmp_path, ["method.sigma=2.0"])
+    s, log = _two_domains(tmp_path, ["method.sigma=2.0", "method.sigma_units=absolute"])  # the paper's setting
     check = s.method.routing_checks[-1]
     assert check["task"] == 2 and check["experts"] == 2 and check["near_uniform"]
     assert check["own_weight"] < 0.625 and check["separable"] >= 0.8

@@ -185,3 +185,47 @@ def test_centroid_accumulator():
     assert p1.count == 30 and torch.allclose(p1.mean(), acc.mean(), atol=1e-7)
     with pytest.raises(RuntimeError):
         CentroidAccumulator(6).mean()
+
+
+def _two_close_domains(n=200, dim=1280, seed=0):
+    """Two clusters of L2-normalised embeddings with the geometry measured on the light/dark pair
+    (docs/routing-study.md): task means ~0.09 apart in squared distance, each sample ~0.55 from its mean."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0) * 0.6
+    shift = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0) * 0.15
+    out = []
+    for sign in (-1.0, 1.0):
+        x = base + sign * shift + torch.randn(n, dim, generator=g) * 0.021
+        out.append(torch.nn.functional.normalize(x, dim=-1))
+    return out
+
+
+def test_centroid_gap_is_the_closest_pair():
+    from cramcl.routing.centroid import centroid_gap
+
+    c = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    assert centroid_gap(c).item() == pytest.approx(1.0)
+    assert centroid_gap(c[:1]).item() == 1.0  # one expert: the scale is irrelevant
+    assert centroid_gap(torch.zeros(2, 3)).item() > 0  # identical centroids: no 0/0
+
+
+def test_gap_units_route_close_domains_sharply_and_are_scale_free():
+    """The cause of learned routing's shortfall on the light/dark pair: an absolute sigma (0.25) spreads
+    two domains whose means lie ~0.09 apart into ~0.6/0.4 weights, which no centroid position fixes
+    (the new task's mean is the stationary point of its mean logit). sigma in units of the centroid gap
+    routes each domain's own samples to its own expert."""
+    from cramcl.methods.cram_routing import group_layer_weights
+
+    a, b = _two_close_domains()
+    c = torch.stack([a.mean(0), b.mean(0)])  # the centroids each task's warm-up would give (c_buf)
+    assert 0.05 < (c[0] - c[1]).pow(2).sum() < 0.15
+    for units, lo, hi in (("absolute", 0.5, 0.75), ("gap", 0.9, 1.0)):
+        for own, q in enumerate((a, b)):
+            w = group_layer_weights(q, c[None], 0.25, "per_sample", sigma_units=units)[0, :, own]
+            assert lo < w.mean().item() <= hi, (units, own, w.mean().item())
+    q = torch.cat([a, b])
+    w1 = group_layer_weights(q, c[None], 0.25, "per_sample", sigma_units="gap")
+    w10 = group_layer_weights(q * 10, c[None] * 10, 0.25, "per_sample", sigma_units="gap")
+    assert torch.allclose(w1, w10, atol=1e-5)
+    with pytest.raises(ValueError):
+        group_layer_weights(q, c[None], 0.25, "per_sample", sigma_units="metres")

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods.cram_math import consolidate_buffer, gated_orthogonality_penalty, orth_history_basis
-from cramcl.methods.cram_routing import (CentroidBank, best_two_expert_weight, group_layer_weights, routing_check,
-                                        scatter_group_weights)
-from cramcl.routing.centroid import CentroidAccumulator
+from cramcl.methods.cram_routing import (SIGMA_UNITS, CentroidBank, best_two_expert_weight, group_layer_weights,
+                                        routing_check, scatter_group_weights)
+from cramcl.routing.centroid import CentroidAccumulator, centroid_gap
 from cramcl.routing.groups import InstructionGroups
 from cramcl.errors import BadInputError
 from cramcl.methods.cram_state import (describe_routing, load_cram_state, own_expert_weights, rank_summary,
@@ -43,7 +43,8 @@ class CramConfig(RoutingEncoderConfig):
     fixed_rank: int | None = None  # ablation: every expert gets exactly this rank (no tau_alloc / tau_novel)
     warmup_fraction: float = 0.05
     no_warmup: bool = False  # ablation: the buffer joins the pool as the task's expert (no consolidation)
-    sigma: float = 2.0
+    sigma: float = 0.25
+    sigma_units: str = "gap"  # gap: sigma relative to the group's closest centroid pair | absolute (the paper's)
     routing: str = "per_sample"  # per_sample | batch_mean (the authors') | uniform | oracle (analysis only)
     grouping: bool = True  # False: one pool (no level 1)
     join_threshold: float = 0.8
@@ -63,7 +64,8 @@ class CramConfig(RoutingEncoderConfig):
                   ("group_init_samples", self.group_init_samples >= 1, ">= 1"),
                   ("fixed_rank", self.fixed_rank is None or self.fixed_rank >= 1, "null or >= 1"),
                   ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
-                  ("routing", self.routing in ROUTING_MODES, f"one of {', '.join(ROUTING_MODES)}")]
+                  ("routing", self.routing in ROUTING_MODES, f"one of {', '.join(ROUTING_MODES)}"),
+                  ("sigma_units", self.sigma_units in SIGMA_UNITS, f"one of {', '.join(SIGMA_UNITS)}")]
         return [f"{name}: {getattr(self, name)!r} must be {want}" for name, ok, want in checks if not ok]
 
 
@@ -74,6 +76,8 @@ class Cram(Method):
         super().__init__(config)
         if config.routing not in ROUTING_MODES:
             raise BadInputError(f"method.routing: '{config.routing}' is not one of {', '.join(ROUTING_MODES)}")
+        if config.sigma_units not in SIGMA_UNITS:
+            raise BadInputError(f"method.sigma_units: '{config.sigma_units}' is not one of {', '.join(SIGMA_UNITS)}")
         self.uses_task_id_at_eval = config.routing == "oracle"
         self.groups = InstructionGroups(config.join_threshold, config.theta, config.max_groups if config.grouping else 1)
         self.centroids = CentroidBank()
@@ -92,7 +96,8 @@ class Cram(Method):
         super().setup(services)
         self.encoders = RoutingEncoders.from_config(services.backbone, self.cfg)
         self.num_layers = services.backbone.num_layers
-        if self.cfg.normalize_embeddings and best_two_expert_weight(self.cfg.sigma) < 0.9:
+        if (self.cfg.sigma_units == "absolute" and self.cfg.normalize_embeddings
+                and best_two_expert_weight(self.cfg.sigma) < 0.9):
             services.log(f"    CRAM WARNING: method.sigma={self.cfg.sigma} on unit-norm routing embeddings cannot route: "
                          f"two experts' weights are never further apart than "
                          f"{best_two_expert_weight(self.cfg.sigma):.2f}/{1 - best_two_expert_weight(self.cfg.sigma):.2f} "
@@ -167,7 +172,9 @@ class Cram(Method):
         if len(experts) < 2 or self.cfg.routing != "per_sample":
             return
         q = self.encoders.image_embeddings(self._task_records).to(self.device)
-        check = routing_check(q, self.centroids.stacked(experts)[0], experts.index(new), self.cfg.sigma)
+        centroids = self.centroids.stacked(experts)[0]  # (K, D) at the first layer (all start at c_buf)
+        sigma = self.cfg.sigma * (float(centroid_gap(centroids)) ** 0.5 if self.cfg.sigma_units == "gap" else 1.0)
+        check = routing_check(q, centroids, experts.index(new), sigma)
         check.update(task=self.current_task, group=self.expert_group[new])
         self.routing_checks.append(check)
         if check["near_uniform"]:
@@ -175,8 +182,9 @@ class Cram(Method):
                 f"    CRAM WARNING: routing in group {check['group']} is near uniform: the new expert gets "
                 f"{check['own_weight']:.2f} of the weight on its own task's images (uniform {check['uniform']:.2f}) "
                 f"although {100 * check['separable']:.0f}% of them lie nearest its centroid; method.sigma="
-                f"{self.cfg.sigma} is too large for these embeddings (median squared-distance gap "
-                f"{check['gap']:.3f}; sigma <= {check['sigma_for_0_9']} gives >= 0.9)")
+                f"{self.cfg.sigma} ({self.cfg.sigma_units} units: {check['sigma']:.3f} in the embedding's) is too "
+                f"large for these images (median squared-distance gap {check['gap']:.3f}; an embedding-unit sigma "
+                f"<= {check['sigma_for_0_9']} gives >= 0.9)")
 
     def end_phase(self, phase: Phase) -> None:
         if phase.name == "warmup":
@@ -282,7 +290,7 @@ class Cram(Method):
             if self.cfg.routing == "oracle":
                 oracle = self._oracle_positions(experts, task_index, rows)
             weights = group_layer_weights(q[rows], self.centroids.stacked(experts), self.cfg.sigma,
-                                          self.cfg.routing, oracle)
+                                          self.cfg.routing, oracle, self.cfg.sigma_units)
             per_group[g] = (rows, weights, experts)
         return scatter_group_weights(per_group, len(records), len(self.expert_group), self.num_layers)
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from cramcl.routing.centroid import (batch_mean_routing_weights, rbf_routing_weights, squared_distances,
+from cramcl.routing.centroid import (batch_mean_routing_weights, centroid_gap, rbf_routing_weights, squared_distances,
                                     uniform_routing_weights)
 
 
@@ -33,12 +33,21 @@ class CentroidBank(nn.Module):
         return torch.stack([self.centroids[k] for k in experts], dim=1)
 
 
-def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, oracle: Tensor | None = None) -> Tensor:
+SIGMA_UNITS = ("absolute", "gap")
+
+
+def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, oracle: Tensor | None = None,
+                        sigma_units: str = "absolute") -> Tensor:
     """Routing weights over one group's experts at every layer.
 
     q: (B, D) image embeddings; centroids: (L, K_g, D) -> (L, B, K_g). ``mode``: per_sample | batch_mean |
     uniform | oracle (``oracle``: (B,) position of each sample's own expert within the group).
+    ``sigma_units``: "absolute" -- sigma in the embedding's units (the paper's); "gap" -- sigma relative to
+    the layer's closest pair of centroids in the group (``sigma_eff^2 = sigma^2 * centroid_gap``), so that
+    the sharpness between two domains does not depend on how far apart the embedding happens to put them.
     """
+    if sigma_units not in SIGMA_UNITS:
+        raise ValueError(f"sigma_units must be one of {SIGMA_UNITS}, got {sigma_units!r}")
     L, K, _ = centroids.shape
     B = q.shape[0]
     if mode == "uniform":
@@ -47,6 +56,8 @@ def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, o
         one_hot = torch.nn.functional.one_hot(oracle, K).float()
         return one_hot.unsqueeze(0).expand(L, B, K)
     fn = batch_mean_routing_weights if mode == "batch_mean" else rbf_routing_weights
+    if sigma_units == "gap":
+        return torch.stack([fn(q, centroids[l], sigma * centroid_gap(centroids[l]).sqrt()) for l in range(L)])
     return torch.stack([fn(q, centroids[l], sigma) for l in range(L)])
 
 

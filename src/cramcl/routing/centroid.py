@@ -36,23 +36,42 @@ def squared_distances(q: Tensor, centroids: Tensor) -> Tensor:
     return diff.pow(2).sum(-1)
 
 
-def rbf_routing_weights(q: Tensor, centroids: Tensor, sigma: float) -> Tensor:
+def rbf_routing_weights(q: Tensor, centroids: Tensor, sigma: float | Tensor) -> Tensor:
     """Per-sample RBF routing weights.
 
     q: (B, D), centroids: (K, D) -> (B, K) = softmax_k(-||q_b - c_k||^2 / (2 sigma^2)); rows sum to 1.
     Differentiable with respect to both q and centroids. Returned in at least float32 (cast for use).
     softmax subtracts the row max, so far-away inputs do not underflow to 0/0.
     """
-    if sigma <= 0:
+    if not torch.is_tensor(sigma) and sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     if q.dim() != 2 or centroids.dim() != 2 or q.shape[1] != centroids.shape[1]:
         raise ValueError(f"expected q (B, D) and centroids (K, D), got {tuple(q.shape)} "
                          f"and {tuple(centroids.shape)}")
-    logits = -squared_distances(q, centroids) / (2.0 * float(sigma) ** 2)  # (B, K)
+    sigma = sigma if torch.is_tensor(sigma) else float(sigma)  # a 0-d tensor (sigma_units = "gap") stays on device
+    logits = -squared_distances(q, centroids) / (2.0 * sigma ** 2)  # (B, K)
     return torch.softmax(logits, dim=-1)
 
 
-def batch_mean_routing_weights(q: Tensor, centroids: Tensor, sigma: float) -> Tensor:
+def centroid_gap(centroids: Tensor, eps: float = 1e-8) -> Tensor:
+    """The squared distance between the two closest centroids: centroids (K, D) -> 0-d tensor (detached).
+
+    The unit in which ``sigma_units = "gap"`` states sigma: with ``sigma_eff^2 = sigma^2 * gap``, an input
+    at a centroid prefers it over its nearest rival by ``1 / (2 sigma^2)`` logits, whatever the scale of
+    the embedding. Detached, so that the centroids cannot sharpen or flatten the routing by moving apart.
+    Fewer than two centroids: 1 (a single expert gets weight 1 anyway). Clamped at ``eps``: identical
+    centroids give identical distances, hence uniform weights, not 0/0.
+    """
+    K = centroids.shape[0]
+    if K < 2:
+        return torch.ones((), dtype=_work_dtype(centroids), device=centroids.device)
+    c = centroids.detach().to(_work_dtype(centroids))
+    d = squared_distances(c, c)  # (K, K)
+    off = d + torch.diag(torch.full((K,), float("inf"), dtype=d.dtype, device=d.device))
+    return off.min().clamp(min=eps)
+
+
+def batch_mean_routing_weights(q: Tensor, centroids: Tensor, sigma: float | Tensor) -> Tensor:
     """The authors' behaviour: route the whole batch by its mean image embedding.
 
     q: (B, D), centroids: (K, D) -> (B, K) with every row equal to
