@@ -141,6 +141,6 @@ def test_method_variants_parse_into_method_settings():
     assert parse_variant("cram:routing=oracle:lambda_orth=0") == ("cram", ["method.routing=oracle",
                                                                           "method.lambda_orth=0"])
     assert variant_dir("cram:routing=oracle") == "cram+routing=oracle"
-    for bad in ("cram:routing", ":x=1", "cram:=1"):
+    for bad in (":x=1", "cram:=1"):  # "cram:routing" reads as a module:Class method, refused when resolved
         with pytest.raises(BadInputError, match="--methods"):
             parse_variant(bad)
