@@ -56,7 +56,7 @@ def test_matrix_json_matches_the_contract(finished_run):
     assert set(matrix) == {"method", "tasks", "scores", "scorers"}
     assert matrix["method"] == "lora-ft"
     assert matrix["tasks"] == list(QUICK_TASKS)
-    assert matrix["scorers"] == {"shape": "exact", "colour": "exact", "digits": "exact"}
+    assert matrix["scorers"] == {"shape": "exact", "colour": "exact", "ocr": "exact"}
     scores = matrix["scores"]
     assert len(scores) == 3 and all(len(row) == 3 for row in scores)
     for t in range(3):
