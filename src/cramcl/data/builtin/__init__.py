@@ -26,7 +26,7 @@ caption       caption  caption Describe the scene briefly.      one or two shape
 colour        name     exact   (as shape)                       a blob on grey noise   6 colour names
 ocr           number   exact   (as digits)                      a printed digit        0-9
 digit-corner  corner   exact   (as corner)                      a digit on black       (as corner)
-count         number   exact   (as digits)                      1-5 coloured dots      1-5
+count         number   exact   (as digits)                      1-4 coloured dots      1-4
 stripes       caption  caption (as caption)                     two-colour stripes     "red and blue
                                                                                        vertical stripes"
 ============  =======  ======  ===============================  =====================  =================
@@ -75,13 +75,13 @@ class BuiltinTask:
 
 
 TASK_INFO: tuple[BuiltinTask, ...] = (
-    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.25),
+    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.21),
     BuiltinTask("digits", "number", "exact", "digits", digits.make_digits, 0.12),
-    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.08),
+    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.1),
     BuiltinTask("caption", "caption", "caption", "shape-scenes", scenes.make_caption, 0.1),
     BuiltinTask("colour", "name", "exact", "blobs", patches.make_colour, 0.1),
     BuiltinTask("ocr", "number", "exact", "printed-numbers", ocr.make_ocr, 0.12),
-    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.08),
+    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.1),
     BuiltinTask("count", "number", "exact", "dot-scenes", scenes.make_count, 0.1),
     BuiltinTask("stripes", "caption", "caption", "stripes", patches.make_stripes, 0.05),
 )

@@ -18,34 +18,41 @@ _COLOUR_NAMES = tuple(PALETTE)
 
 
 def _spot(rng: np.random.Generator, image_size: int, size: float) -> tuple[str, float, float]:
-    """(corner name, cx, cy): a uniform quadrant and a centre inside it keeping a ``size`` box inside."""
+    """(corner name, cx, cy): a uniform corner and a centre near it, in the outer third of the image along
+    both axes (clear of the middle, where the 3x3 feature grid of a 96 px image is ambiguous), keeping
+    the ``size`` box inside the image."""
     corner = questions.CORNERS[int(rng.integers(4))]
     s, h = float(image_size), size / 2
-    lo_x = s / 2 if corner.endswith("right") else 0.0
-    lo_y = s / 2 if corner.startswith("bottom") else 0.0
-    cx = float(rng.uniform(lo_x + h + 1, lo_x + s / 2 - h - 1))
-    cy = float(rng.uniform(lo_y + h + 1, lo_y + s / 2 - h - 1))
+    # distance of the centre from the corner's two edges, per axis
+    dx, dy = (float(v) for v in rng.uniform(h + 1, max(h + 1.5, s / 3), size=2))
+    cx = s - dx if corner.endswith("right") else dx
+    cy = s - dy if corner.startswith("bottom") else dy
     return corner, cx, cy
 
 
+def _where(corner: str) -> str:
+    """How a caption says it: "top-left" -> "in the top left" (not the task's answer format)."""
+    return "in the " + corner.replace("-", " ")
+
+
 def _shape_in_corner(rng: np.random.Generator, image_size: int) -> Sample:
-    size = image_size * float(rng.uniform(0.16, 0.3))
+    size = image_size * float(rng.uniform(0.15, 0.25))
     corner, cx, cy = _spot(rng, image_size, size)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = _COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]
     im = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw_shape(ImageDraw.Draw(im), shape, cx, cy, size, PALETTE[colour])
-    return Sample(questions.CORNER, corner, f"a small {colour} {shape}", image=im)
+    return Sample(questions.CORNER, corner, f"a small {colour} {shape} {_where(corner)}", image=im)
 
 
 def _digit_in_corner(rng: np.random.Generator, image_size: int, pool: list[int]) -> Sample:
     index = pool[int(rng.integers(len(pool)))]
-    side = max(8, round(image_size * float(rng.uniform(0.3, 0.45))))
+    side = max(8, round(image_size * float(rng.uniform(0.25, 0.35))))
     corner, cx, cy = _spot(rng, image_size, side)
     glyph = digits.glyph(index).resize((side, side), Image.Resampling.BILINEAR).convert("RGB")
     im = Image.new("RGB", (image_size, image_size), (0, 0, 0))
     im.paste(glyph, (round(cx - side / 2), round(cy - side / 2)))
-    return Sample(questions.CORNER, corner, f"a small handwritten {digits.label_of(index)}", image=im)
+    return Sample(questions.CORNER, corner, f"a small handwritten {digits.label_of(index)} {_where(corner)}", image=im)
 
 
 def make_corner(split: str, n: int, task_seed: tuple[int, int], image_size: int,

@@ -1,4 +1,4 @@
-"""Procedural scenes: ``count`` (1-5 dots, number format) and ``caption`` (one or two placed shapes).
+"""Procedural scenes: ``count`` (1-4 dots, number format) and ``caption`` (one or two placed shapes).
 
 Both draw each image from a seeded numpy stream per split; ``unique_samples`` rejects any image
 already drawn for the test split, so train never contains a test image.
@@ -11,20 +11,20 @@ from PIL import Image, ImageDraw
 from cramcl.data.builtin import questions
 from cramcl.data.builtin._common import BACKGROUND, PALETTE, Sample, draw_shape, split_rng, unique_samples
 
-MAX_DOTS = 5
+MAX_DOTS = 4
 SHAPES = ("circle", "square", "triangle")
 _COLOUR_NAMES = tuple(PALETTE)
 
 
 def _dot_scene(rng: np.random.Generator, image_size: int) -> Sample:
-    """1..5 filled dots of random palette colours at random non-overlapping positions."""
+    """1..4 filled dots of random palette colours at random non-overlapping positions."""
     n = int(rng.integers(1, MAX_DOTS + 1))
-    r = max(2, round(image_size * 0.08))
+    r = max(2, round(image_size * 0.09))
     gap = 2 * r + max(2, image_size // 32)  # centre distance that leaves a visible gap between dots
     im = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(im)
     centres: list[tuple[int, int]] = []
-    while len(centres) < n:  # rejection sampling; 5 dots of this size always fit, so this ends fast
+    while len(centres) < n:  # rejection sampling; 4 dots of this size always fit, so this ends fast
         x, y = (int(v) for v in rng.integers(r + 1, image_size - r - 1, size=2))
         if all((x - cx) ** 2 + (y - cy) ** 2 >= gap * gap for cx, cy in centres):
             centres.append((x, y))
@@ -68,7 +68,7 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
 
 def make_count(split: str, n: int, task_seed: tuple[int, int], image_size: int,
                exclude: set[str]) -> list[Sample]:
-    """Dot-counting records (number format); answer "1".."5" (uniform)."""
+    """Dot-counting records (number format); answer "1".."4" (uniform)."""
     return unique_samples(lambda rng: _dot_scene(rng, image_size), n, split_rng(task_seed, split),
                           exclude)
 
