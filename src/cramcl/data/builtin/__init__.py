@@ -75,13 +75,13 @@ class BuiltinTask:
 
 
 TASK_INFO: tuple[BuiltinTask, ...] = (
-    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.21),
+    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.17),
     BuiltinTask("digits", "number", "exact", "digits", digits.make_digits, 0.12),
-    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.1),
+    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.12),
     BuiltinTask("caption", "caption", "caption", "shape-scenes", scenes.make_caption, 0.1),
     BuiltinTask("colour", "name", "exact", "blobs", patches.make_colour, 0.1),
     BuiltinTask("ocr", "number", "exact", "printed-numbers", ocr.make_ocr, 0.12),
-    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.1),
+    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.12),
     BuiltinTask("count", "number", "exact", "dot-scenes", scenes.make_count, 0.1),
     BuiltinTask("stripes", "caption", "caption", "stripes", patches.make_stripes, 0.05),
 )
