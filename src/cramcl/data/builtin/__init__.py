@@ -3,9 +3,10 @@
 ``generate_builtin(out_dir)`` writes ``benchmark.yaml``, per task a LLaVA JSON train file and a JSONL
 test file, PNG images under ``images/<task>/``, and ``pretrain.jsonl`` (captions for the tiny backbone's
 base stage). Those captions name what a pretrained MLLM would know of an image ("a red circle", "a
-handwritten 7", "3 dots", "a red blob") and never use a task's instruction or answer format, so the
-tasks teach formats on top of a base that can see; a caption-style reply ("a handwritten 7") is not
-counted as the answer "7".
+handwritten 7", "3 dots", "a red blob", "a small red circle in the top-left corner") and never use a
+task's instruction or answer format, so the tasks teach formats on top of a base that can see; a
+caption-style reply ("a handwritten 7") is not counted as the answer "7". Every short answer is a word
+the captions use: the tiny base's word embeddings are frozen with it.
 
 Every format asks ONE question, identical for all its tasks (:mod:`.questions`); its tasks differ in
 visual domain and answer space, so the instruction text picks the format (CRAM's level-1 group) and
