@@ -36,12 +36,12 @@ def test_eval_reproduces_the_matrix_row_of_a_checkpoint(tmp_path, finished_run, 
 def test_inspect_a_cram_run_shows_groups_ranks_and_one_routing(cram_run, capsys):
     from cramcl.cli import main
 
-    assert main(["inspect", "--run", str(cram_run), "--record", "digits-test-00003"]) == 0
+    assert main(["inspect", "--run", str(cram_run), "--record", "ocr-test-00003"]) == 0
     out = capsys.readouterr().out
     assert "adapted modules: 16" in out
     assert "CRAM: groups, experts and ranks" in out
-    assert "record digits-test-00003" in out and "cosine to group prototypes" in out
-    assert "expert 2 (digits)" in out  # the record's group holds the digits expert, with per-layer weights
+    assert "record ocr-test-00003" in out and "cosine to group prototypes" in out
+    assert "expert 2 (ocr)" in out  # the record's group holds the ocr expert, with per-layer weights
     assert main(["inspect", "--run", str(cram_run), "--record", "no-such-id"]) == 2
 
 

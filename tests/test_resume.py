@@ -56,7 +56,7 @@ def test_matrix_json_matches_the_contract(finished_run):
     assert set(matrix) == {"method", "tasks", "scores", "scorers"}
     assert matrix["method"] == "lora-ft"
     assert matrix["tasks"] == list(QUICK_TASKS)
-    assert matrix["scorers"] == {"shape": "exact", "colour": "exact", "digits": "exact"}
+    assert matrix["scorers"] == {"shape": "exact", "colour": "exact", "ocr": "exact"}
     scores = matrix["scores"]
     assert len(scores) == 3 and all(len(row) == 3 for row in scores)
     for t in range(3):
@@ -187,7 +187,7 @@ def test_resume_ignores_a_half_written_checkpoint(resumed_run):
     out = resumed_run["out"]
     assert any("resuming after task 0 (shape)" in line for line in resumed_run["log"]), resumed_run["log"]
     trained = [line for line in resumed_run["log"] if "training on" in line]
-    assert len(trained) == 2 and "'colour'" in trained[0] and "'digits'" in trained[1]  # task 0 not redone
+    assert len(trained) == 2 and "'colour'" in trained[0] and "'ocr'" in trained[1]  # task 0 not redone
     finished = sorted(p.name for p in (out / "checkpoints").iterdir() if re.fullmatch(r"task_\d+", p.name))
     assert finished == ["task_0", "task_1", "task_2"]
     assert (out / "checkpoints" / "task_1" / "method.safetensors").read_bytes()[:1] != b"\x00"

@@ -55,4 +55,4 @@ def test_cram_routes_with_clip_encoders(tmp_path, clip_dir, warm_cache):
     tensors = load_file(str(out / "checkpoints" / "task_2" / "method.safetensors"))
     assert tensors["cram.centroids.0"].shape[-1] == 16  # centroids live in CLIP's projection space
     assert tensors["cram.groups.prototypes"].shape[-1] == 16
-    assert set(metrics["method_analysis"]["group_accuracy"]) == {"shape", "colour", "digits"}
+    assert set(metrics["method_analysis"]["group_accuracy"]) == {"shape", "colour", "ocr"}

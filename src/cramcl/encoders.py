@@ -64,12 +64,21 @@ class TextEncoder:
         return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
 
     def encode(self, texts: list[str]) -> Tensor:
-        """(B, D) embeddings; each distinct text is encoded once per process."""
+        """(B, D) embeddings; each distinct text is encoded once per process.
+
+        Texts are batched only with texts of the same token length: padding changes float reductions,
+        so a text's embedding would otherwise depend on which texts happened to be encoded with it (and
+        a reloaded run, encoding in another grouping, would route a near-tie differently)."""
         todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
-            for text, emb in zip(chunk, self._embed(chunk)):
-                self._cache[text] = emb
+        by_length: dict[int, list[str]] = {}
+        for text in todo:
+            n = len(self.tokenizer(text, truncation=True, max_length=77 if self.is_clip else 128)["input_ids"])
+            by_length.setdefault(n, []).append(text)
+        for same in by_length.values():
+            for start in range(0, len(same), self.batch_size):
+                chunk = same[start:start + self.batch_size]
+                for text, emb in zip(chunk, self._embed(chunk)):
+                    self._cache[text] = emb
         return torch.stack([self._cache[t] for t in texts])
 
 

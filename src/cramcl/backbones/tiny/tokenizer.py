@@ -1,4 +1,10 @@
-"""A word-level tokenizer (HF ``tokenizers``) built from the text of the stream and the base corpus."""
+"""A word-level tokenizer (HF ``tokenizers``) built from the text of the stream and the base corpus.
+
+Words are whitespace-separated chunks, kept whole and case-sensitive: "top-left", "don't", "3.5" and "A"
+are one token each, so every answer round-trips (``decode_words(encode(x)) == x`` up to runs of
+whitespace) and a model learns it as one token followed by ``<eos>``. Splitting punctuation off, as an
+earlier version did, turned "top-left" into "top - left", which a greedy decoder could loop on.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +18,11 @@ SPECIALS = [PAD, BOS, EOS, UNK, IMAGE, SEP]
 
 
 def build_word_tokenizer(texts: list[str]) -> Tokenizer:
-    """Lower-cased words and punctuation; every word of ``texts`` gets an id (min frequency 1)."""
+    """Whitespace-separated words (NFKC-normalised, case and punctuation kept); every word of ``texts``
+    gets an id (min frequency 1)."""
     tok = Tokenizer(WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=False)])
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = WordLevelTrainer(special_tokens=SPECIALS, min_frequency=1, show_progress=False)
     # sorted unique texts: the vocabulary (and so the cache key of the base stage) is order-independent
     tok.train_from_iterator(sorted(set(texts)), trainer=trainer)

@@ -1,27 +1,40 @@
-"""The built-in stream: seven small vision-language tasks generated offline, as an ordinary benchmark.
+"""The built-in stream: nine small vision-language tasks in four instruction formats, generated offline.
 
 ``generate_builtin(out_dir)`` writes ``benchmark.yaml``, per task a LLaVA JSON train file and a JSONL
 test file, PNG images under ``images/<task>/``, and ``pretrain.jsonl`` (captions for the tiny backbone's
 base stage). Those captions name what a pretrained MLLM would know of an image ("a red circle", "a
-handwritten 7", "3 dots", "a printed number 4") and never use a task's instruction or answer format, so
-the tasks teach formats on top of a base that can see; digits, count and ocr are scored by exact match,
-so a caption-style reply ("a handwritten 7") is not counted as the answer "7". The tasks, in training order, each with its own instruction format, over four visual domains:
+handwritten 7", "3 dots", "a red blob", "a small red circle in the top-left corner") and never use a
+task's instruction or answer format, so the tasks teach formats on top of a base that can see; a
+caption-style reply ("a handwritten 7") is not counted as the answer "7". Every short answer is a word
+the captions use: the tiny base's word embeddings are frozen with it.
 
-=========  ==========  ==========================================  =========================
-task       scorer      question                                    domain
-=========  ==========  ==========================================  =========================
-shape      exact       What shape is in the image?                 easy-VQA (copied images)
-colour     exact       Name the colour of the object.              easy-VQA
-yesno      exact       easy-VQA's own: "Is there a blue shape?"    easy-VQA
-digits     exact       Which handwritten digit is shown?           scikit-learn digits
-count      exact       How many dots are there?                    generated dot scenes
-ocr        exact       Read the printed number.                    rendered digits
-caption    caption     Describe the scene briefly.                 generated shape scenes
-=========  ==========  ==========================================  =========================
+Every format asks ONE question, identical for all its tasks (:mod:`.questions`); its tasks differ in
+visual domain and answer space, so the instruction text picks the format (CRAM's level-1 group) and
+only the image tells the tasks of a format apart (level-2 routing). The formats interleave: each
+format's second task arrives after other formats have trained. In training order:
 
-The templates were picked so that all-MiniLM-L6-v2 tells the formats apart: the largest cosine
-similarity between two tasks' templates is 0.56 (digits vs ocr), and every yes/no question lies
-nearer the yes/no centroid than any other template.
+============  =======  ======  ===============================  =====================  =================
+task          format   scorer  question                         domain                 answers
+============  =======  ======  ===============================  =====================  =================
+shape         name     exact   Answer with one word: what do    easy-VQA (copied)      circle, rectangle,
+                               you see?                                                triangle
+digits        number   exact   What number does the picture     scikit-learn digits    0-9
+                               show?
+corner        corner   exact   In which corner of the picture   a shape on light grey  top-left, top-right,
+                               is the object?                                          bottom-left, ...
+caption       caption  caption Describe the scene briefly.      one or two shapes      "a red circle left
+                                                                                       of a blue square"
+colour        name     exact   (as shape)                       a blob on grey noise   6 colour names
+ocr           number   exact   (as digits)                      a printed digit        0-9
+digit-corner  corner   exact   (as corner)                      a digit on black       (as corner)
+count         number   exact   (as digits)                      1-4 coloured dots      1-4
+stripes       caption  caption (as caption)                     two-colour stripes     "red and blue
+                                                                                       vertical stripes"
+============  =======  ======  ===============================  =====================  =================
+
+With all-MiniLM-L6-v2 the four templates are at most 0.49 apart in cosine (number vs corner), and
+CRAM's rule with the default profile's theta (0.25) makes exactly four groups, one per format
+(checked in tests/test_builtin.py).
 
 Output is a pure function of the parameters (same seed: byte-identical files). A ``manifest.json``
 records the parameters and ``BUILTIN_VERSION``; a second call with the same ones returns at once.
@@ -40,20 +53,22 @@ from typing import Callable
 
 import numpy as np
 
-from cramcl.data.builtin import digits, easyvqa, ocr, scenes
+from cramcl.data.builtin import corner, digits, easyvqa, ocr, patches, scenes
 from cramcl.data.builtin._common import Sample, pixel_hash
 from cramcl.errors import BadInputError
 
 # Bump whenever generation changes what it writes, so stale cached benchmarks get regenerated.
-BUILTIN_VERSION = "cramcl-builtin/3"
+BUILTIN_VERSION = "cramcl-builtin/4"
 PRETRAIN_QUESTION = "Describe the image."
 
 
 @dataclass(frozen=True)
 class BuiltinTask:
-    """A built-in task: its name, scorer, visual domain and generator ``make(split, n, ...)``."""
+    """A built-in task: its name, instruction format, scorer, visual domain and generator
+    ``make(split, n, ...)``."""
 
     name: str
+    format: str
     scorer: str
     domain: str
     make: Callable[..., list[Sample]]
@@ -61,13 +76,15 @@ class BuiltinTask:
 
 
 TASK_INFO: tuple[BuiltinTask, ...] = (
-    BuiltinTask("shape", "exact", "easy-vqa", easyvqa.make_shape, 0.4),
-    BuiltinTask("colour", "exact", "easy-vqa", easyvqa.make_colour, 0.0),
-    BuiltinTask("yesno", "exact", "easy-vqa", easyvqa.make_yesno, 0.0),
-    BuiltinTask("digits", "exact", "digits", digits.make_digits, 0.15),
-    BuiltinTask("count", "exact", "dot-scenes", scenes.make_count, 0.15),
-    BuiltinTask("ocr", "exact", "printed-numbers", ocr.make_ocr, 0.15),
-    BuiltinTask("caption", "caption", "shape-scenes", scenes.make_caption, 0.15),
+    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.17),
+    BuiltinTask("digits", "number", "exact", "digits", digits.make_digits, 0.12),
+    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.12),
+    BuiltinTask("caption", "caption", "caption", "shape-scenes", scenes.make_caption, 0.1),
+    BuiltinTask("colour", "name", "exact", "blobs", patches.make_colour, 0.1),
+    BuiltinTask("ocr", "number", "exact", "printed-numbers", ocr.make_ocr, 0.12),
+    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.12),
+    BuiltinTask("count", "number", "exact", "dot-scenes", scenes.make_count, 0.1),
+    BuiltinTask("stripes", "caption", "caption", "stripes", patches.make_stripes, 0.05),
 )
 #: Task names of the built-in stream, in training order.
 BUILTIN_TASKS: tuple[str, ...] = tuple(t.name for t in TASK_INFO)

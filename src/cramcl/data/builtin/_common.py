@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # Each split draws from its own random stream, so the test set does not change when n_train does.
 SPLIT_CODES = {"test": 0, "train": 1, "pretrain": 2}
@@ -21,6 +21,20 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 180),
     "black": (20, 20, 20),
 }
+
+BACKGROUND = (240, 240, 240)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float,
+               colour: tuple[int, int, int]) -> None:
+    """Fill a circle, square or upward triangle of side/diameter ``size`` centred at (cx, cy)."""
+    h = size / 2
+    if shape == "circle":
+        draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=colour)
+    elif shape == "square":
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=colour)
+    else:  # an upward triangle
+        draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=colour)
 
 
 @dataclass

@@ -1,12 +1,9 @@
-"""Tasks over easy-VQA images (one coloured shape on a white 64x64 canvas; MIT-licensed wheel).
+"""The ``shape`` task (name format) over easy-VQA images (one coloured shape on a white 64x64 canvas;
+MIT-licensed wheel), and the easy-VQA part of the base stage's captions.
 
 Train records use easy-VQA's train images and test records its test images; the two sets share no
 image (checked by hash in tests), so no test image leaks into training. Images are copied verbatim.
-
-* ``shape`` and ``colour`` normalise easy-VQA's several wh-phrasings to one template each: the image
-  holds one shape, so "what is the blue shape?" and "what shape is present?" ask the same thing.
-* ``yesno`` keeps easy-VQA's own phrasing but only its positive forms ("is there a blue shape?"),
-  dropping the negated ones ("is there not a ..."), so the answer is plain presence; yes/no balanced.
+An image's shape and colour are read off easy-VQA's own questions about it.
 """
 from __future__ import annotations
 
@@ -16,12 +13,11 @@ from pathlib import Path
 
 import easy_vqa
 
+from cramcl.data.builtin import questions
 from cramcl.data.builtin._common import Sample, choose, split_rng
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-SHAPE_QUESTION = "What shape is in the image?"
-COLOUR_QUESTION = "Name the colour of the object."
 _WORD = re.compile(r"\b(" + "|".join(SHAPES + COLOURS) + r")\b")
 _NEGATED = re.compile(r"\b(not|no)\b")
 
@@ -70,33 +66,8 @@ def _caption(attrs: dict[str, str]) -> str:
 
 def make_shape(split: str, n: int, task_seed: tuple[int, int], image_size: int,
                exclude: set[str]) -> list[Sample]:
-    """Shape questions; answers circle / rectangle / triangle. ``image_size`` is unused (64 px)."""
-    return _attribute_task(split, n, task_seed, "shape", SHAPE_QUESTION)
-
-
-def make_colour(split: str, n: int, task_seed: tuple[int, int], image_size: int,
-                exclude: set[str]) -> list[Sample]:
-    """Colour questions; answers one of the eight easy-VQA colours."""
-    return _attribute_task(split, n, task_seed, "colour", COLOUR_QUESTION)
-
-
-def make_yesno(split: str, n: int, task_seed: tuple[int, int], image_size: int,
-               exclude: set[str]) -> list[Sample]:
-    """easy-VQA's positive yes/no questions, half answered yes and half no."""
-    questions, paths, _ = _split(split)
-    pool = {"yes": [], "no": []}
-    for text, answer, image_id in questions:
-        if answer in pool and not _NEGATED.search(text) and image_id in paths:
-            pool[answer].append((text, image_id))
-    rng = split_rng(task_seed, split)
-    picked = [(q, a) for a, k in (("yes", n // 2), ("no", n - n // 2)) for q in choose(rng, pool[a], k)]
-    order = rng.permutation(len(picked))
-    samples = []
-    for i in order:
-        (text, image_id), answer = picked[i]
-        question = text[0].upper() + text[1:]
-        samples.append(Sample(question, answer, "", source=paths[image_id], key=str(image_id)))
-    return samples
+    """Name-format records whose answer is the shape: circle / rectangle / triangle (64 px images)."""
+    return _attribute_task(split, n, task_seed, "shape", questions.NAME)
 
 
 def make_pretrain(n: int, task_seed: tuple[int, int]) -> list[Sample]:

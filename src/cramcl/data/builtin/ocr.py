@@ -13,9 +13,10 @@ import functools
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cramcl.data.builtin import questions
 from cramcl.data.builtin._common import Sample, split_rng, unique_samples
 
-QUESTION = "Read the printed number."
+QUESTION = questions.NUMBER
 CAPTION = "a printed number {}"  # the base reads; the task teaches the answer format
 
 

@@ -1,4 +1,4 @@
-"""Procedural scenes: ``count`` (1-6 coloured dots) and ``caption`` (one or two placed shapes).
+"""Procedural scenes: ``count`` (1-4 dots, number format) and ``caption`` (one or two placed shapes).
 
 Both draw each image from a seeded numpy stream per split; ``unique_samples`` rejects any image
 already drawn for the test split, so train never contains a test image.
@@ -8,43 +8,30 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cramcl.data.builtin._common import PALETTE, Sample, split_rng, unique_samples
+from cramcl.data.builtin import questions
+from cramcl.data.builtin._common import BACKGROUND, PALETTE, Sample, draw_shape, split_rng, unique_samples
 
-COUNT_QUESTION = "How many dots are there?"
-CAPTION_QUESTION = "Describe the scene briefly."
-MAX_DOTS = 6
+MAX_DOTS = 4
 SHAPES = ("circle", "square", "triangle")
 _COLOUR_NAMES = tuple(PALETTE)
-_BACKGROUND = (240, 240, 240)
 
 
 def _dot_scene(rng: np.random.Generator, image_size: int) -> Sample:
-    """1..6 filled dots of random palette colours at random non-overlapping positions."""
+    """1..4 filled dots of random palette colours at random non-overlapping positions."""
     n = int(rng.integers(1, MAX_DOTS + 1))
-    r = max(2, round(image_size * 0.07))
+    r = max(2, round(image_size * 0.09))
     gap = 2 * r + max(2, image_size // 32)  # centre distance that leaves a visible gap between dots
-    im = Image.new("RGB", (image_size, image_size), _BACKGROUND)
+    im = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(im)
     centres: list[tuple[int, int]] = []
-    while len(centres) < n:  # rejection sampling; 6 small dots always fit, so this ends fast
+    while len(centres) < n:  # rejection sampling; 4 dots of this size always fit, so this ends fast
         x, y = (int(v) for v in rng.integers(r + 1, image_size - r - 1, size=2))
         if all((x - cx) ** 2 + (y - cy) ** 2 >= gap * gap for cx, cy in centres):
             centres.append((x, y))
     for x, y in centres:
         colour = PALETTE[_COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]]
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
-    return Sample(COUNT_QUESTION, str(n), f"{n} dots", image=im)
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float,
-                colour: tuple[int, int, int]) -> None:
-    h = size / 2
-    if shape == "circle":
-        draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=colour)
-    elif shape == "square":
-        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=colour)
-    else:  # an upward triangle
-        draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=colour)
+    return Sample(questions.NUMBER, str(n), f"{n} dots", image=im)
 
 
 def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
@@ -54,7 +41,7 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
     "a red circle above a blue square", or just "a red circle".
     """
     s = float(image_size)
-    im = Image.new("RGB", (image_size, image_size), _BACKGROUND)
+    im = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(im)
     count = 1 if rng.random() < 1 / 3 else 2
     colours = [_COLOUR_NAMES[int(i)] for i in rng.choice(len(_COLOUR_NAMES), size=count, replace=False)]
@@ -64,8 +51,8 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
     if count == 1:
         h = sizes[0] / 2
         cx, cy = (float(rng.uniform(h + 1, s - h - 1)) for _ in range(2))
-        _draw_shape(draw, shapes[0], cx, cy, sizes[0], PALETTE[colours[0]])
-        return Sample(CAPTION_QUESTION, names[0], "one shape", image=im)
+        draw_shape(draw, shapes[0], cx, cy, sizes[0], PALETTE[colours[0]])
+        return Sample(questions.CAPTION, names[0], "one shape", image=im)
 
     horizontal = rng.random() < 0.5
     for k in range(2):
@@ -74,14 +61,14 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
         along = float(rng.uniform(k * s / 2 + h + 1, (k + 1) * s / 2 - h - 1))
         across = float(rng.uniform(h + 1, s - h - 1))
         cx, cy = (along, across) if horizontal else (across, along)
-        _draw_shape(draw, shapes[k], cx, cy, sizes[k], PALETTE[colours[k]])
+        draw_shape(draw, shapes[k], cx, cy, sizes[k], PALETTE[colours[k]])
     relation = "left of" if horizontal else "above"
-    return Sample(CAPTION_QUESTION, f"{names[0]} {relation} {names[1]}", "two shapes", image=im)
+    return Sample(questions.CAPTION, f"{names[0]} {relation} {names[1]}", "two shapes", image=im)
 
 
 def make_count(split: str, n: int, task_seed: tuple[int, int], image_size: int,
                exclude: set[str]) -> list[Sample]:
-    """Dot-counting records; answer "1".."6" (uniform)."""
+    """Dot-counting records (number format); answer "1".."4" (uniform)."""
     return unique_samples(lambda rng: _dot_scene(rng, image_size), n, split_rng(task_seed, split),
                           exclude)
 

@@ -1,0 +1,16 @@
+"""The stream's instruction formats: one question template per format, shared by every task of the format.
+
+Tasks of one format ask the SAME question over different visual domains (or answer spaces), so the
+instruction text alone cannot tell them apart: CRAM's level 1 puts them in one group and its level 2
+(visual centroids) has to route inside it. The templates were checked with all-MiniLM-L6-v2 and the
+default profile's theta (0.25): the four formats land in four groups, whatever the stream order.
+"""
+from __future__ import annotations
+
+NAME = "Answer with one word: what do you see?"
+NUMBER = "What number does the picture show?"
+CORNER = "In which corner of the picture is the object?"
+CAPTION = "Describe the scene briefly."
+
+#: The answers of the ``corner`` format: hyphenated words, which must round-trip through the tokenizer.
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
