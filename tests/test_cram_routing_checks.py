@@ -29,7 +29,8 @@ def _train(session, task_index):
 
 
 def _two_domains(tmp_path, extra):
-    """shape (easy-VQA images) then digits (handwritten digits) in one pool: two experts whose images differ."""
+    """shape (easy-VQA images) then the quick stream's third task (printed digits) in one pool: two experts
+    whose images differ."""
     s, log = _session(tmp_path, ["method.grouping=false", *extra])
     _train(s, 0)
     _train(s, 2)
@@ -88,7 +89,7 @@ def test_a_sigma_in_the_embeddings_units_routes_each_task_to_its_own_expert(shar
     assert not any("CRAM WARNING" in line for line in log.lines)
     tasks = list(s.bench.tasks)
     own = s.method.stream_analysis(tasks)["own_expert_weight"]
-    assert set(own) == {"shape", "digits"}  # colour was never trained
+    assert set(own) == {s.bench.tasks[0].name, s.bench.tasks[2].name}  # the middle task was never trained
     for name, w in own.items():
         assert w["experts_in_group"] == 2 and len(w["per_layer"]) == s.method.num_layers
         assert w["mean"] > 0.8, (name, w)  # each task's images go to its own expert
@@ -110,7 +111,7 @@ def test_own_expert_weight_is_measured_as_evaluation_routes(sharp):
 
 @pytest.fixture(scope="module")
 def two_groups(tmp_path_factory, warm_cache):
-    """shape and digits in their own groups (their instructions differ)."""
+    """shape and the third quick task (a number question) in their own groups (their instructions differ)."""
     s, _ = _session(tmp_path_factory.mktemp("groups"))
     _train(s, 0)
     _train(s, 2)
@@ -152,5 +153,5 @@ def test_oracle_routing_reads_each_records_own_task_in_a_mixed_batch(tmp_path, t
         weights = s.method._weights
     finally:
         s.method.cfg.routing = "per_sample"
-    own = torch.tensor([0, 0, 0, 1, 1, 1])  # expert 0 is shape's, expert 1 digits'
+    own = torch.tensor([0, 0, 0, 1, 1, 1])  # expert 0 is task 0's, expert 1 task 2's
     assert torch.equal(weights, torch.nn.functional.one_hot(own, 2).float().expand_as(weights))
