@@ -61,3 +61,13 @@ def finished_run(tmp_path_factory, warm_cache) -> Path:
     out = tmp_path_factory.mktemp("finished") / "lora-ft-quick"
     run_stream(quick_config(), out, log=LogSink())
     return out
+
+
+@pytest.fixture(scope="session")
+def cram_run(tmp_path_factory, warm_cache) -> Path:
+    """One uninterrupted quick CRAM run on the quick tasks, shared read-only (predict, export)."""
+    from cramcl.engine.runner import run_stream
+
+    out = tmp_path_factory.mktemp("cram-quick") / "run"
+    run_stream(quick_config("cram"), out, log=LogSink())
+    return out

@@ -6,14 +6,13 @@ import hashlib
 import json
 import re
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from cramcl.data.benchmark import load_benchmark
-from cramcl.data.builtin import BUILTIN_TASKS, TASK_INFO, digits, generate_builtin, questions
+from cramcl.data.builtin import BUILTIN_TASKS, TASK_INFO, digits, generate_builtin
 from cramcl.data.validate import validate_benchmark
 from cramcl.errors import BadInputError
 

@@ -8,19 +8,9 @@ import json
 import pytest
 import torch
 
-from conftest import LogSink, quick_config
+from conftest import LogSink
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def cram_run(tmp_path_factory, warm_cache):
-    from cramcl.engine.runner import run_stream
-
-    out = tmp_path_factory.mktemp("cram-export") / "run"
-    # fixed_rank off and r_min < r_max keep ranks ragged across modules, which PEFT must carry per module
-    run_stream(quick_config("cram"), out, log=LogSink())
-    return out
 
 
 def _clean_copy(module):

@@ -6,18 +6,9 @@ import json
 import pytest
 import torch
 
-from conftest import LogSink, quick_config
+from conftest import LogSink
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def cram_run(tmp_path_factory, warm_cache):
-    from cramcl.engine.runner import run_stream
-
-    out = tmp_path_factory.mktemp("cram") / "run"
-    run_stream(quick_config("cram"), out, log=LogSink())
-    return out
 
 
 def test_predict_answers_as_evaluation_did_without_a_task_id(cram_run, tmp_path, capsys):

@@ -277,7 +277,12 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
     layers.append(("command line", cli, cli_args))
 
     cfg = RunConfig(method=method, profile=profile)
-    method_cfg = cfg_cls()
+    return apply_layers(cfg, cfg_cls(), layers, benchmark)
+
+
+def apply_layers(cfg: RunConfig, method_cfg, layers: list[tuple[str, dict, dict]], benchmark: str | None) -> RunConfig:
+    """Apply (where, run settings, method settings) layers in order onto ``cfg`` and its method's config
+    dataclass; every problem of every layer is reported at once. Returns ``cfg``, checked."""
     problems = []
     for where, run_values, method_values in layers:
         run_values = {k: v for k, v in run_values.items() if k not in ("profile", "method_overrides")}
@@ -288,7 +293,6 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
                 problems.extend(e.problems)
     if problems:
         raise BadInputError(problems)
-    cfg.method = method
     if benchmark:
         cfg.data.benchmark = str(Path(benchmark).resolve())
     cfg.method_args = dataclasses.asdict(method_cfg)

@@ -99,7 +99,7 @@ def _method_row(method: str, run: Path) -> tuple[dict, list]:
 
 
 def write_comparison(out: Path, methods: list[str], seeds: list[int] | None = None) -> dict:
-    from cramcl.engine.seeds import seed_dir, summarise_runs, write_seed_summary
+    from cramcl.engine.seeds import seed_dir, write_seed_summary
     from cramcl.report.compare_plots import plot_final_rows, plot_heatmap_grid, plot_mfn_vs_params
 
     rows, matrices, tasks = [], {}, None

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from pathlib import Path
 
-from cramcl.config import RunConfig, _read_yaml, _split_method, check_choices, parse_overrides, update_dataclass
+from cramcl.config import RunConfig, _read_yaml, _split_method, apply_layers, parse_overrides
 from cramcl.errors import BadInputError
 
 # Settings that only affect how later evaluation batches are cut or how often progress is logged: scores already
@@ -47,24 +47,10 @@ def asked_config(saved: RunConfig, *, method=None, profile=None, config_file=Non
     cls = method_config_class(cfg.method)
     method_cfg = cls(**{k: v for k, v in saved.method_args.items()
                         if k in {f.name for f in dataclasses.fields(cls)}}) if cfg.method == saved.method else cls()
-    problems = []
     user_overrides = user.pop("method_overrides", None) or {}
-    for where, run_values, method_values in ((str(config_file), user, {**(user_overrides.get(cfg.method) or {}),
-                                                                      **user_args}),
-                                             ("command line", cli, cli_args)):
-        run_values = {k: v for k, v in run_values.items() if k not in ("profile", "method_overrides")}
-        for target, values, label in ((cfg, run_values, where), (method_cfg, method_values, f"{where}: method")):
-            try:
-                update_dataclass(target, values, label)
-            except BadInputError as e:
-                problems.extend(e.problems)
-    if problems:
-        raise BadInputError(problems)
-    if benchmark:
-        cfg.data.benchmark = str(Path(benchmark).resolve())
-    cfg.method_args = dataclasses.asdict(method_cfg)
-    check_choices(cfg, "settings")
-    return cfg
+    layers = [(str(config_file), user, {**(user_overrides.get(cfg.method) or {}), **user_args}),
+              ("command line", cli, cli_args)]
+    return apply_layers(cfg, method_cfg, layers, benchmark)
 
 
 def resume_differences(saved: RunConfig, asked: RunConfig) -> list[tuple[str, object, object]]:
