@@ -299,7 +299,7 @@ class Cram(Method):
         group). ``task_index``: one task for the batch, or a (B,) tensor / list of per-record tasks."""
         if task_index is None:
             return torch.zeros(rows.numel(), dtype=torch.long, device=self.device)
-        ids = torch.as_tensor(task_index).reshape(-1)
+        ids = torch.as_tensor(task_index).reshape(-1).cpu()
         ids = ids.expand(int(rows.max()) + 1) if ids.numel() == 1 else ids
         own_task = [self.expert_task[k] for k in experts]
         pos = [own_task.index(t) if t in own_task else 0 for t in ids[rows.cpu()].tolist()]
