@@ -245,3 +245,42 @@ def test_cram_run_through_the_factory(tmp_path, model_dirs, image_records):
                                     "backbone.model_path=${CRAMCL_TEST_MODELS}/llava"])
     run_stream(cfg, tmp_path / "run", log=_quiet)
     _check_cram_run(tmp_path / "run", num_layers=2)
+
+
+def test_exported_expert_on_tiny_llava_loads_into_peft_with_cramcls_logits(tmp_path, model_dirs, image_records):
+    """cramcl export on a real architecture: the adapter's module paths are the HF model's own, so
+    PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(path), OUT) computes cramcl's logits."""
+    from cramcl.config import resolve_config
+    from cramcl.engine.export import export_peft
+    from cramcl.engine.runner import run_stream
+    from cramcl.engine.session import open_finished_run
+
+    cfg = resolve_config(method="cram", profile="quick", benchmark=_benchmark(tmp_path, image_records),
+                         overrides=[*CRAM_OVERRIDES, "backbone.name=hf", f"backbone.model_path={model_dirs['llava']}"])
+    run_stream(cfg, tmp_path / "run", log=_quiet)
+    session, _, _ = open_finished_run(tmp_path / "run", log=_quiet)
+    out = export_peft(session, "shape", tmp_path / "peft")
+    torch.set_grad_enabled(False)
+    try:
+        _compare_exported(session, out, model_dirs["llava"])
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _compare_exported(session, out, model_path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    m, bb = session.method, session.backbone
+    batch = bb.collate(list(session.bench.tasks[0].test), train=False)
+    inputs = {k: v.to(bb.device) for k, v in bb.model_inputs(batch).items()}
+    m.context.route = lambda layer, x: torch.ones(x.shape[0], 1)  # the task's expert alone, weight 1
+    m.context.active, m.context.buffer_weight = (0,), None
+    bb.model.eval()
+    want = bb.model(**inputs).logits
+    base = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+    without = base(**inputs).logits  # before PEFT wraps the base's modules in place
+    got = PeftModel.from_pretrained(base, str(out)).eval()(**inputs).logits
+    effect = float((want - without).abs().max())  # what the expert changes
+    assert effect > 1e-5
+    assert float((got - want).abs().max()) < 0.01 * effect, (float((got - want).abs().max()), effect)
