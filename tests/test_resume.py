@@ -49,6 +49,8 @@ def test_run_dir_has_config_and_env(finished_run):
     assert env["benchmark"]["tasks"] == list(QUICK_TASKS)
     for pkg in ("torch", "transformers", "accelerate", "safetensors"):
         assert env["versions"][pkg]
+        assert any(p.lower().startswith(f"{pkg}==") for p in env["packages"]), pkg  # every installed package
+    assert env["git_commit"] is None or len(env["git_commit"].split("+")[0]) == 40
 
 
 def test_matrix_json_matches_the_contract(finished_run):

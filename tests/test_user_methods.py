@@ -77,6 +77,18 @@ def test_a_user_file_that_fails_to_import_is_named(tmp_path, capsys):
     assert f"{bad}: cannot be imported (ValueError: oops)" in err
 
 
+def test_compare_runs_a_user_method_beside_a_built_in_one(tmp_path, warm_cache):
+    from cramcl.engine.compare import run_compare
+
+    from conftest import QUICK_OVERRIDES
+
+    result = run_compare(["lora-ft", f"{SPEC}:rank=4"], tmp_path / "cmp", profile="quick", overrides=QUICK_OVERRIDES,
+                         log=LogSink())
+    assert [r["method"] for r in result["methods"]] == ["lora-ft", f"{SPEC}:rank=4"]
+    assert (tmp_path / "cmp" / "nearest-prototype-lora+rank=4" / "results" / "matrix.json").exists()
+    assert "nearest_prototype_lora.py:NearestPrototypeLora:rank=4" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
 def test_compare_takes_a_user_method_with_settings():
     from cramcl.engine.compare import parse_variant, variant_dir
 

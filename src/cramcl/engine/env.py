@@ -30,6 +30,32 @@ def make_accelerator(cfg, out: Path):
     )
 
 
+def installed_packages() -> list[str]:
+    """Every installed distribution as ``name==version``, sorted (what ``pip freeze`` would list)."""
+    from importlib.metadata import distributions
+
+    return sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]},
+                  key=str.lower)
+
+
+def git_commit() -> str | None:
+    """The commit of the cramcl source tree when it is a git checkout (an editable install), else None; a
+    '+dirty' suffix when it has uncommitted changes."""
+    import subprocess
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def environment_record(cfg, accelerator, backbone, bench) -> dict:
     import accelerate
     import peft
@@ -59,4 +85,6 @@ def environment_record(cfg, accelerator, backbone, bench) -> dict:
         "torch_threads": torch.get_num_threads(),
         "benchmark": {"name": bench.name, "path": str(bench.path), "tasks": bench.task_names()},
         "backbone": backbone.describe(),
+        "git_commit": git_commit(),
+        "packages": installed_packages(),
     }
