@@ -465,3 +465,36 @@ def test_frozen_factors_are_built_once_and_rebuilt_when_an_expert_changes(monkey
     assert len(calls) == n + 4  # the cache was dropped by add_expert and rebuilt for the frozen three
     layer(x)
     assert len(calls) == n + 4
+
+
+# ------------------------------------------------------------------ precision
+def test_half_precision_inputs_are_not_upcast_and_gradients_reach_float32_factors():
+    """A bf16 model's activations stay bf16 through the adapter (no fp32 copy of x per module), the result
+    matches the fp32 computation to bf16 precision, and the float32 master factors receive float32 grads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer, ctx, experts, _ = ragged_layer()
+    layer.set_expert_trainable(0, False)
+    layer.base.to(torch.bfloat16)
+    x, per_sample, _ = x_and_weights()
+    ctx.route = lambda lyr, inp: per_sample
+    with torch.no_grad():
+        want = (x.to(torch.bfloat16).float() @ layer.base.weight.float().T + layer.base.bias.float()
+                + sum(per_sample[:, k].view(-1, 1, 1) * s * (x.to(torch.bfloat16).float() @ A.T @ B.T)
+                      for k, (A, B, s) in enumerate(experts)))
+
+    seen = []
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+                seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    with MatmulDtypes():
+        got = layer(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert seen and all(d == {torch.bfloat16} for d in seen), seen
+    assert torch.allclose(got.float(), want, atol=0.05 * float(want.abs().max()), rtol=0)
+    got.float().pow(2).sum().backward()
+    assert layer.experts_A[1].grad.dtype == torch.float32 and torch.count_nonzero(layer.experts_B[1].grad) > 0

@@ -9,6 +9,10 @@ Forward, for x: (B, T, d_in) and routing weights w: (B, K) or (B, T, K) (K exper
     h = dropout(x) @ A_cat^T                      (B, T, sum_k r_k)   one matmul over the active experts
     h = h * (w expanded to each expert's columns) * scale per column
     y = W0 x + h @ B_cat^T  [+ w_buf * buffer_scale * (dropout(x) @ A_buf^T) @ B_buf^T]
+Precision: factors are stored in float32 (the optimizer's master copy, also under a bf16 model). A half-precision
+input is never upcast: the factors (r x d, small) are cast to the input's dtype and the matmuls run in it, as
+autocast would run them; upcasting x instead would write every activation again at twice its bytes in each
+adapted module (128 per LLaVA-7B forward). Float32 inputs compute in the factors' dtype.
 Experts of different ranks are concatenated, never padded. Only the *active* experts run: the method names
 them per batch (``RoutingContext.active``: the experts some sample of the batch can route to, e.g. CRAM's
 groups of the batch), so a sample's cost does not grow with experts it can never use. Frozen experts'
@@ -50,6 +54,10 @@ class RoutingContext:
         self.capture = None
         self.active = None
         self.extra.clear()
+
+
+def _is_half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 class MultiLoRALinear(nn.Module):
@@ -146,30 +154,33 @@ class MultiLoRALinear(nn.Module):
         active = range(self.num_experts) if ctx.active is None else ctx.active
         if not active and not has_buffer:
             return y
-        xd = self.dropout(x).to(self.experts_A[0].dtype if self.num_experts else self.buffer_A.dtype)
+        xd = self.dropout(x)
+        if not _is_half(x.dtype):  # fp32 inputs: compute in the factors' dtype (fp64 tests stay fp64)
+            xd = xd.to(self.experts_A[0].dtype if self.num_experts else self.buffer_A.dtype)
         delta = torch.zeros((), dtype=xd.dtype, device=xd.device)
         if active:
             weights = ctx.route(self, x) if ctx.route is not None else None
             delta = self._experts_forward(xd, weights, tuple(active))
         if has_buffer:
             w = ctx.buffer_weight
-            buf = (xd @ self.buffer_A.t()) @ self.buffer_B.t() * self.buffer_scale
+            buf = (xd @ self.buffer_A.to(xd.dtype).t()) @ self.buffer_B.to(xd.dtype).t() * self.buffer_scale
             if isinstance(w, Tensor):
                 w = w.to(buf.dtype).view(-1, *([1] * (buf.dim() - 1)))
             delta = delta + w * buf
         return y + delta.to(y.dtype)
 
-    def _frozen_factors(self, frozen: tuple[int, ...], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _frozen_factors(self, frozen: tuple[int, ...], device, dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(A_cat (R, d_in), B_cat (d_out, R), owner (R,) expert index per column, scale (R,)) of frozen
-        experts, built once and reused while none of them changes (``_version`` counts in-place writes)."""
+        experts in the compute ``dtype``, built once and reused while none of them changes (``_version``
+        counts in-place writes)."""
         versions = tuple((id(self.experts_A[k]), self.experts_A[k]._version, id(self.experts_B[k]),
                           self.experts_B[k]._version, self.expert_scales[k]) for k in frozen)
         hit = self._frozen_cache.get(frozen)
-        if hit is not None and hit[0] == versions and hit[1].device == device:
+        if hit is not None and hit[0] == versions and hit[1].device == device and hit[1].dtype == dtype:
             return hit[1:]
         with torch.no_grad():
-            A_cat = torch.cat([self.experts_A[k] for k in frozen], dim=0)
-            B_cat = torch.cat([self.experts_B[k] for k in frozen], dim=1)
+            A_cat = torch.cat([self.experts_A[k] for k in frozen], dim=0).to(dtype)
+            B_cat = torch.cat([self.experts_B[k] for k in frozen], dim=1).to(dtype)
         owner = torch.tensor([k for k in frozen for _ in range(self.experts_A[k].shape[0])], device=device)
         scale = torch.tensor([self.expert_scales[k] for k in frozen for _ in range(self.experts_A[k].shape[0])],
                              dtype=A_cat.dtype, device=device)
@@ -189,17 +200,17 @@ class MultiLoRALinear(nn.Module):
         frozen = tuple(k for k in active if not self.experts_A[k].requires_grad)
         out = None
         if frozen:
-            A_cat, B_cat, owner, scale = self._frozen_factors(frozen, xd.device)
+            A_cat, B_cat, owner, scale = self._frozen_factors(frozen, xd.device, xd.dtype)
             h = xd @ A_cat.t()  # (B, T, R)
             h = h * (scale if weights is None else weights[..., owner] * scale)
             out = h @ B_cat.t()
         for k in active:  # trainable experts (one in CRAM's stable phase): their own matmul, never copied
             if not self.experts_A[k].requires_grad:
                 continue
-            h = (xd @ self.experts_A[k].t()) * self.expert_scales[k]
+            h = (xd @ self.experts_A[k].to(xd.dtype).t()) * self.expert_scales[k]
             if weights is not None:
                 h = h * weights[..., k:k + 1]
-            part = h @ self.experts_B[k].t()
+            part = h @ self.experts_B[k].to(xd.dtype).t()
             out = part if out is None else out + part
         return out
 
