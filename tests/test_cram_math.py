@@ -235,3 +235,21 @@ def test_penalty_gradient_flows_to_expert_output():
     z2 = torch.randn(4, 8, requires_grad=True)
     gated_orthogonality_penalty(z2, torch.zeros(8, 0), torch.ones(4)).backward()
     assert torch.all(z2.grad == 0)
+
+
+def test_stacked_penalties_equal_the_per_module_penalty():
+    """The batched penalty (one bmm per op over M same-shaped modules, CRAM's path on a GPU) gives each module
+    the per-module function's value, scale and gate included (to float rounding: bmm may sum in another order)."""
+    from cramcl.methods.cram_math import gated_orthogonality_penalty, stacked_gated_penalties
+
+    g = torch.Generator().manual_seed(3)
+    M, B, d_in, d_out, r, m = 5, 6, 24, 16, 3, 4
+    h, A = torch.randn(M, B, d_in, generator=g), torch.randn(M, r, d_in, generator=g)
+    Bm, scale = torch.randn(M, d_out, r, generator=g), torch.rand(M, generator=g) + 0.5
+    Q = torch.linalg.qr(torch.randn(M, d_out, m, generator=g)).Q
+    gate = torch.rand(M, B, generator=g)
+    got = stacked_gated_penalties(h, A, Bm, scale, Q, gate)
+    want = torch.stack([gated_orthogonality_penalty(float(scale[i]) * (h[i] @ A[i].t()) @ Bm[i].t(), Q[i], gate[i])
+                        for i in range(M)])
+    assert got.shape == (M,) and torch.allclose(got, want, rtol=1e-5, atol=0), (got - want).abs().max()
+    assert (got > 0).all()

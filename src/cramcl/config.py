@@ -78,6 +78,9 @@ class TrainConfig:
     # tasks, as a deployed model's inputs do; per_task: one task at a time
     eval_batches: str = "mixed"
     log_every: int = 10
+    # processes that build batches (image decoding + the model's processor) beside training: auto = 0 for the
+    # embedded backbone (its batches read precomputed features), else one per spare CPU, at most 8 (engine/loader.py)
+    loader_workers: int | str = "auto"
     progress_seconds: float = 30.0  # when stderr is not a terminal: one progress update per this many seconds
 
 
@@ -334,6 +337,9 @@ def check_choices(cfg: RunConfig, where: str) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in valid:
             problems.append(f"{where}: {section}.{key}: '{value}' is not one of {', '.join(valid)}")
+    workers = cfg.train.loader_workers
+    if not (workers == "auto" or (isinstance(workers, int) and workers >= 0)):
+        problems.append(f"{where}: train.loader_workers: {workers!r} must be auto or a count >= 0")
     for (section, key), bounds in RANGES.items():
         value = getattr(getattr(cfg, section), key)
         if _out_of_range(value, bounds):

@@ -134,6 +134,14 @@ class RoutingEncoders:
     def _norm(self, x: Tensor) -> Tensor:
         return torch.nn.functional.normalize(x, dim=-1) if self.normalize else x
 
+    def precompute(self, records) -> None:
+        """Encode every distinct text and image of ``records`` now (batched), filling the caches."""
+        self.text.encode([r.question for r in records])
+        if self.image is None:
+            self.backbone.pooled_image_features(records)
+        else:
+            self.image.encode_records(records)
+
     def text_embeddings(self, records) -> Tensor:
         """(B, D_t)"""
         return self._norm(self.text.encode([r.question for r in records]))

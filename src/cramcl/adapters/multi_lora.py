@@ -79,6 +79,7 @@ class MultiLoRALinear(nn.Module):
         self.buffer_B: nn.Parameter | None = None
         self.buffer_scale = 0.0
         self._frozen_cache: dict = {}  # active frozen experts -> (versions, A_cat, B_cat, weight columns, scales)
+        self._refs: tuple | None = None  # plain lists of the experts' parameters (see _expert_refs)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -156,7 +157,7 @@ class MultiLoRALinear(nn.Module):
             return y
         xd = self.dropout(x)
         if not _is_half(x.dtype):  # fp32 inputs: compute in the factors' dtype (fp64 tests stay fp64)
-            xd = xd.to(self.experts_A[0].dtype if self.num_experts else self.buffer_A.dtype)
+            xd = xd.to(self._expert_refs()[0][0].dtype if self.num_experts else self.buffer_A.dtype)
         delta = torch.zeros((), dtype=xd.dtype, device=xd.device)
         if active:
             weights = ctx.route(self, x) if ctx.route is not None else None
@@ -169,12 +170,21 @@ class MultiLoRALinear(nn.Module):
             delta = delta + w * buf
         return y + delta.to(y.dtype)
 
+    def _expert_refs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The experts' A's and B's as plain lists: indexing a ParameterList costs microseconds per access, which a
+        forward would pay per expert in each of a model's adapted modules (and per decoding step). Rebuilt
+        whenever the ParameterLists are replaced or grow (add_expert, loading a state)."""
+        refs = self._refs
+        if refs is None or refs[0] is not self.experts_A or refs[1] is not self.experts_B or len(refs[2]) != len(self.experts_A):
+            refs = self._refs = (self.experts_A, self.experts_B, list(self.experts_A), list(self.experts_B))
+        return refs[2], refs[3]
+
     def _frozen_factors(self, frozen: tuple[int, ...], device, dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(A_cat (R, d_in), B_cat (d_out, R), owner (R,) expert index per column, scale (R,)) of frozen
         experts in the compute ``dtype``, built once and reused while none of them changes (``_version``
         counts in-place writes)."""
-        versions = tuple((id(self.experts_A[k]), self.experts_A[k]._version, id(self.experts_B[k]),
-                          self.experts_B[k]._version, self.expert_scales[k]) for k in frozen)
+        As, Bs = self._expert_refs()
+        versions = tuple((id(As[k]), As[k]._version, id(Bs[k]), Bs[k]._version, self.expert_scales[k]) for k in frozen)
         hit = self._frozen_cache.get(frozen)
         if hit is not None and hit[0] == versions and hit[1].device == device and hit[1].dtype == dtype:
             return hit[1:]
@@ -197,7 +207,8 @@ class MultiLoRALinear(nn.Module):
             weights = weights.to(xd.dtype)
             if weights.dim() == 2 and xd.dim() == 3:
                 weights = weights.unsqueeze(1)  # (B, 1, K): one weight per sample for every token
-        frozen = tuple(k for k in active if not self.experts_A[k].requires_grad)
+        As, Bs = self._expert_refs()
+        frozen = tuple(k for k in active if not As[k].requires_grad)
         out = None
         if frozen:
             A_cat, B_cat, owner, scale = self._frozen_factors(frozen, xd.device, xd.dtype)
@@ -205,12 +216,12 @@ class MultiLoRALinear(nn.Module):
             h = h * (scale if weights is None else weights[..., owner] * scale)
             out = h @ B_cat.t()
         for k in active:  # trainable experts (one in CRAM's stable phase): their own matmul, never copied
-            if not self.experts_A[k].requires_grad:
+            if not As[k].requires_grad:
                 continue
-            h = (xd @ self.experts_A[k].to(xd.dtype).t()) * self.expert_scales[k]
+            h = (xd @ As[k].to(xd.dtype).t()) * self.expert_scales[k]
             if weights is not None:
                 h = h * weights[..., k:k + 1]
-            part = h @ self.experts_B[k].to(xd.dtype).t()
+            part = h @ Bs[k].to(xd.dtype).t()
             out = part if out is None else out + part
         return out
 

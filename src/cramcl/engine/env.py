@@ -24,7 +24,8 @@ def make_accelerator(cfg, out: Path):
         gradient_accumulation_steps=cfg.train.grad_accum,
         # the sampler yields *global* batches; each process takes its slice, so the sequence of optimizer
         # steps is the same for any number of processes at the same global batch size
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # non_blocking: pinned batches (engine/loader.py) are copied to the GPU while it computes
+        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available()),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )

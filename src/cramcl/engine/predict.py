@@ -71,7 +71,7 @@ def predict_run(run_dir: Path, records: list[Record], *, explain: bool = False, 
                             "question does not have; predict needs a method that infers it")
     session.backbone.prepare(records, desc="image features")
     answers = predict(session.accelerator, session.backbone, method, records, session.cfg.train.eval_batch_size,
-                      desc="predict")
+                      desc="predict", loader_workers=session.loader_workers)
     rows = [{"id": r.id, "image": str(r.image), "question": r.question, "answer": a} for r, a in zip(records, answers)]
     describe = getattr(method, "describe_routing", None)
     if explain:

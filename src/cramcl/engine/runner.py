@@ -97,8 +97,9 @@ def evaluate_tasks(session, tasks, pred_dir: Path, after_task: int = 0) -> dict[
 
     stream = session.bench.task_names()
     bs = session.cfg.train.eval_batch_size
+    workers = session.loader_workers
     run = lambda records, ids, desc: predict(session.accelerator, session.backbone, session.method, records, bs,
-                                             desc=desc, task_ids=ids)
+                                             desc=desc, task_ids=ids, loader_workers=workers)
     if session.cfg.train.eval_batches == "per_task":
         preds = {t.name: run(list(t.test), [stream.index(t.name)] * len(t.test), f"eval {t.name}") for t in tasks}
     else:
@@ -158,6 +159,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
 
     all_test = [r for t in tasks for r in t.test]
     backbone.prepare(all_test, desc="image features (test)")
+    method.precompute(all_test)
     for t in range(start, len(tasks)):
         task = tasks[t]
         kill_point("task_start")
@@ -166,6 +168,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         method.before_task(t, task)
         records = method.training_records(t, task, tasks)  # the task's own, or with replayed / joint records
         backbone.prepare(records, desc=f"image features ({task.name})")
+        method.precompute(records)
         result = train_task(accelerator, backbone, method, records, cfg.train, t,
                             seed=_task_seed(cfg.seed, t), global_step=state["global_step"], task_name=task.name)
         method.after_task(t)

@@ -20,6 +20,16 @@ class Session:
     backbone: object
     method: object
 
+    @property
+    def loader_workers(self) -> int:
+        """``train.loader_workers`` resolved for this backbone and this machine's CPUs per local process."""
+        import os
+
+        from cramcl.engine.loader import resolve_workers
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        return resolve_workers(self.cfg.train.loader_workers, self.backbone, local)
+
 
 def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = False) -> Session:
     """``check_images``: decode every image of the stream first (``cramcl run``, unless data.validate_images

@@ -20,21 +20,27 @@ from cramcl.eval.scorers import score_task
 
 @torch.no_grad()
 def predict(accelerator, backbone, method, records, batch_size: int, desc: str = "eval",
-            task_ids: list[int] | None = None) -> list[str]:
+            task_ids: list[int] | None = None, loader_workers: int = 0) -> list[str]:
     """Predictions for ``records`` in their order (sharded over processes, gathered, count checked).
 
     ``task_ids`` (one stream index per record) reach the method, as ``batch["task_index"]`` (B,), only if
-    it declares ``uses_task_id_at_eval`` (oracle bounds)."""
+    it declares ``uses_task_id_at_eval`` (oracle bounds). ``loader_workers``: processes building the batches
+    (see engine/loader.py); batches are pinned and copied asynchronously on a GPU."""
+    from cramcl.engine.loader import make_loader
+
     model = accelerator.unwrap_model(backbone.model)
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(records), world))
+    chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+    on_gpu = accelerator.device.type == "cuda"
+    loader = make_loader(records, chunks, batch_size, backbone, train=False, workers=loader_workers, pin=on_gpu)
     local = []
-    starts = range(0, len(mine), batch_size)
-    for start in progress_bar(starts, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        idx = mine[start:start + batch_size]
-        batch = backbone.collate([records[i] for i in idx], train=False)
-        batch = {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    batches = progress_bar(zip(chunks, loader), total=len(chunks), desc=desc,
+                           disable=not accelerator.is_local_main_process, leave=False)
+    for idx, batch in batches:
+        batch = {k: (v.to(accelerator.device, non_blocking=on_gpu) if torch.is_tensor(v) else v)
+                 for k, v in batch.items()}
         if method.uses_task_id_at_eval:
             if task_ids is None:
                 raise RuntimeError(f"{type(method).__name__} routes by the task id: predict() needs task_ids")

@@ -63,6 +63,14 @@ class Method:
         self.current_task = task_index
         self.task_names.append(task.name)
 
+    def precompute(self, records) -> None:
+        """Per-record routing inputs in one batched pass, so that batches only look them up: the runner calls it
+        on each task's training records before training and on every test record before evaluating. The
+        default fills the method's routing encoders' caches (``self.encoders``), if it has any."""
+        encoders = getattr(self, "encoders", None)
+        if encoders is not None and records:
+            encoders.precompute(records)
+
     def training_records(self, task_index: int, task, stream: list) -> list:
         """The records of this task's optimizer steps (replay mixes a buffer in; multi-task sees all)."""
         return list(task.train)

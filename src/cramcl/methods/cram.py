@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
-from cramcl.methods.cram_math import consolidate_buffer, gated_orthogonality_penalty, orth_history_basis
+from cramcl.methods.cram_math import (consolidate_buffer, gated_orthogonality_penalty, orth_history_basis,
+                                      stacked_gated_penalties)
 from cramcl.methods.cram_routing import (SIGMA_UNITS, CentroidBank, best_two_expert_weight, group_layer_weights,
                                         routing_check, scatter_group_weights)
 from cramcl.routing.centroid import CentroidAccumulator, centroid_gap
@@ -89,6 +90,7 @@ class Cram(Method):
         self._c_buf = CentroidAccumulator()
         self._phase = "eval"
         self._q_hist: dict[str, Tensor] = {}
+        self._penalty_groups: list[list[int]] = []  # module positions stacked together by the penalty
         self._pooled: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ setup
@@ -102,8 +104,25 @@ class Cram(Method):
                          f"two experts' weights are never further apart than "
                          f"{best_two_expert_weight(self.cfg.sigma):.2f}/{1 - best_two_expert_weight(self.cfg.sigma):.2f} "
                          "(the paper's sigma 2 is for unnormalised CLIP features; see docs/routing-scale.md)")
-        self.context.route = lambda layer, x: self._weights[layer.layer_index] if self._weights is not None else None
+        self.context.route = self._route
         self._weights: Tensor | None = None
+        self._cast: dict = {}  # this batch's weights and image mask in a module's compute dtype, cast once
+
+    def _route(self, layer, x: Tensor) -> Tensor | None:
+        if self._weights is None:
+            return None
+        weights = self._weights if x is None else self._in_dtype("weights", self._weights, x.dtype)
+        return weights[layer.layer_index]
+
+    def _in_dtype(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t`` in ``dtype``, cast once per batch rather than in each of the model's adapted modules
+        (a bf16 model: 128 casts per forward). Keyed by the tensor's identity, so a new batch recasts."""
+        if t.dtype == dtype:
+            return t
+        hit = self._cast.get((name, dtype))
+        if hit is None or hit[0] is not t:
+            hit = self._cast[(name, dtype)] = (t, t.to(dtype))
+        return hit[1]
 
     @property
     def device(self):
@@ -160,6 +179,7 @@ class Cram(Method):
             layer.set_expert_trainable(new, True)
         self.centroids.centroids[new].requires_grad_(True)
         self._q_hist = self._history_bases(new)
+        self._penalty_groups = self._penalty_batches(new) if self._q_hist else []
         self.context.capture = self._capture if self._q_hist and self.cfg.lambda_orth > 0 else None
         self._check_routing(new)
 
@@ -232,6 +252,30 @@ class Cram(Method):
         self._register_expert(group, task, c_buf)
         self.consolidation_log.append({"task": task, "group": group, "ranks": ranks,
                                        "history_experts": len(history)})
+
+    def _stacked_penalties(self, new: int, gates: Tensor) -> Tensor:
+        """(modules,) gated penalties in ``self.layers``' order, each shape class in one batched pass."""
+        keys = list(self.layers)
+        positions, values = [], []
+        for batch in self._penalty_groups:
+            mods = [self.layers[keys[i]] for i in batch]
+            positions += batch
+            values.append(stacked_gated_penalties(
+                torch.stack([self._pooled[m.key] for m in mods]), torch.stack([m.experts_A[new] for m in mods]),
+                torch.stack([m.experts_B[new] for m in mods]),
+                torch.tensor([m.expert_scales[new] for m in mods], device=gates.device),
+                torch.stack([self._q_hist[m.key] for m in mods]),
+                gates[torch.tensor([m.layer_index for m in mods], device=gates.device)]))
+        return torch.cat(values)[torch.tensor(positions).argsort().to(gates.device)]
+
+    def _penalty_batches(self, new: int) -> list[list[int]]:
+        """Positions (in ``self.layers`` order) of the adapted modules grouped by the shapes the penalty stacks:
+        (d_in, d_out, the new expert's rank, the history basis' rank)."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, (key, layer) in enumerate(self.layers.items()):
+            shape = (*layer.experts_A[new].shape, layer.out_features, self._q_hist[key].shape[1])
+            by_shape.setdefault(shape, []).append(i)
+        return list(by_shape.values())
 
     def _history_bases(self, new: int) -> dict[str, Tensor]:
         history = self._group_experts(self.expert_group[new], exclude=new)
@@ -313,7 +357,7 @@ class Cram(Method):
 
     # ------------------------------------------------------------------ loss
     def _capture(self, layer, x: Tensor) -> None:
-        mask = self._image_mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+        mask = self._in_dtype("mask", self._image_mask, x.dtype).unsqueeze(-1)  # (B, T, 1)
         # pooled input over image tokens; detached: the penalty shapes the new expert, not the hidden states
         self._pooled[layer.key] = ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).detach()
 
@@ -324,13 +368,15 @@ class Cram(Method):
             return loss, aux
         new = len(self.expert_group) - 1
         history = self._group_experts(self.expert_group[new], exclude=new)
-        penalties = []
-        for key, layer in self.layers.items():
-            h = self._pooled[key].to(layer.experts_A[new].dtype)  # (B, d_in)
-            z = layer.expert_scales[new] * (h @ layer.experts_A[new].t()) @ layer.experts_B[new].t()  # (B, d_out)
-            gate = self._weights[layer.layer_index][:, history].sum(-1)  # (B,) routing mass on earlier experts
-            penalties.append(gated_orthogonality_penalty(z, self._q_hist[key], gate))
-        orth = self.cfg.lambda_orth * torch.stack(penalties).mean()
+        gates = self._weights[:, :, history].sum(-1)  # (L, B) routing mass on the group's earlier experts
+        if gates.is_cuda:  # a GPU step is bound by launches: one batched pass per module shape, not 128
+            penalties = self._stacked_penalties(new, gates)
+        else:  # per module: no launches to save on a CPU, and its op order is the published CPU results'
+            penalties = torch.stack([gated_orthogonality_penalty(
+                layer.expert_scales[new] * (self._pooled[key].to(layer.experts_A[new].dtype)
+                                            @ layer.experts_A[new].t()) @ layer.experts_B[new].t(),
+                self._q_hist[key], gates[layer.layer_index]) for key, layer in self.layers.items()])
+        orth = self.cfg.lambda_orth * penalties.mean()
         aux["orth"] = orth.detach()
         return loss + orth, aux
 

@@ -22,13 +22,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from cramcl.backbones.hf.chat import IGNORE, ChatFormat, pad_rows, split_rows  # noqa: E402
+from cramcl.backbones.hf.chat import ChatFormat  # noqa: E402
+from cramcl.backbones.hf.collate import HFCollator  # noqa: E402
 from cramcl.data.records import Record  # noqa: E402
 from cramcl.errors import BadInputError  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
-_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token processor outputs some models take
 
 
 @dataclass
@@ -183,41 +183,15 @@ class HFBackbone:
     def prepare(self, records: list[Record], desc: str = "") -> None:
         """Nothing to precompute: images are read per batch (routing features are cached on first use)."""
 
-    def _encode_prompts(self, records: list[Record]) -> dict:
-        from cramcl.data.records import open_rgb
-
-        images = [open_rgb(r.image) for r in records]
-        prompts = [self.chat.prompt(r.question) for r in records]
-        return self.processor(text=prompts, images=[[im] for im in images], padding=True, return_tensors="pt",
-                              **self.options.processor_kwargs)
+    @property
+    def collator(self) -> HFCollator:
+        """The picklable batch builder (image decoding + processor), run in DataLoader workers."""
+        return HFCollator(self.processor, self.chat, frozenset(self._forward_keys), self.tokenizer.pad_token_id,
+                          self.image_token_id, self.dtype, self.options.max_length, dict(self.options.processor_kwargs))
 
     def collate(self, records: list[Record], train: bool) -> dict:
-        """Processor tensors + ``image_mask`` (+ ``labels`` on answer + eos when ``train``) + ``records``.
-
-        Training rows are right-padded (positions as in an unpadded forward), prompt rows left-padded."""
-        enc = self._encode_prompts(records)
-        token_keys = ["input_ids", *(k for k in _TOKEN_KEYS if k in enc and k in self._forward_keys)]
-        rows = split_rows(enc, token_keys)
-        if train:
-            for row, r in zip(rows, records):
-                target = self.chat.completion_ids(r.question, r.answer)
-                room = max(1, self.options.max_length - len(row["input_ids"]))
-                target = target[:room]
-                row["labels"] = [IGNORE] * len(row["input_ids"]) + target
-                row["input_ids"] = row["input_ids"] + target
-                for k in token_keys[1:]:
-                    row[k] = row[k] + [0] * len(target)
-        pads = {"input_ids": self.tokenizer.pad_token_id, **{k: 0 for k in token_keys[1:]}}
-        if train:
-            pads["labels"] = IGNORE
-        batch = pad_rows(rows, pads, left=not train)
-        for k, v in enc.items():
-            if k in token_keys or k == "attention_mask" or k not in self._forward_keys or not torch.is_tensor(v):
-                continue
-            batch[k] = v.to(self.dtype) if v.is_floating_point() else v
-        batch["image_mask"] = batch["input_ids"] == self.image_token_id
-        batch["records"] = records
-        return batch
+        """See :class:`HFCollator`."""
+        return self.collator(records, train)
 
     def model_inputs(self, batch: dict) -> dict:
         """What the model's forward takes (``image_mask`` and ``records`` stay out)."""
