@@ -147,6 +147,34 @@ def test_moelora_per_token_softmax_router_mixes_experts_and_everything_trains():
     assert method.param_counts() == {"trainable": n, "stored": n, "active_per_sample": n}
 
 
+@pytest.mark.parametrize("lambda1, value", [("original", 0.5), ("mcitlib", 0.05), (0.2, 0.2), (0.0, 0.0)])
+def test_olora_lambda1_scales_the_penalty(lambda1, value):
+    """The same state and batch: the aux loss ``orth`` is lambda1 x the energy (names resolve to 0.5 / 0.05)."""
+    method, model = build("olora", lambda1=lambda1)
+    tasks = make_tasks(2)
+    train_stream(method, model, tasks[:1])
+    method.before_task(1, tasks[1])
+    batch = batch_of(tasks[1].train[:3], 1)
+    method.prepare_batch(batch, train=True)
+    loss, aux = method.compute_loss(model, batch)
+    lm = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    energy = sum(olora_penalty(m.experts_A[1], [m.experts_A[0]]).item() for m in method.layers.values())
+    assert energy > 0 and loss.item() == pytest.approx(lm.item() + value * energy, rel=1e-5)
+    assert aux.get("orth", torch.tensor(0.0)).item() == pytest.approx(value * energy, rel=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.lambda1=-0.1", "method.lambda1: -0.1 must be a number >= 0 or one of original (0.5), mcitlib (0.05)"),
+    ("method.lambda1=prism", "method.lambda1: 'prism' must be a number >= 0 or one of"),
+])
+def test_olora_lambda1_is_checked(override, message):
+    from cramcl.errors import BadInputError
+
+    with pytest.raises(BadInputError) as e:
+        resolve_config(method="olora", profile="quick", overrides=[override])
+    assert any(message in p for p in e.value.problems), e.value.problems
+
+
 def test_replay_buffer_is_bounded_holds_only_earlier_tasks_and_survives_save_load():
     tasks = make_tasks(5)
     method = Replay(ReplayConfig(buffer_size=7))
