@@ -3,6 +3,12 @@ merged lower-layer expert and anchor routing.
 
 Shapes: B = batch, T = tokens, d = the adapted linear's input size, K = experts (one per task), r = rank,
 D_q / D_t = image / text routing-embedding sizes. Routing computations run in at least float32.
+
+Sources: routing-cl's gates and scores follow the PHATGOOSE authors' router (r-three/phatgoose,
+``src/models/addons/moe.py``: LayerNorm'ed token and gate vector, top-k); HiDe's fusion and anchor mixing
+follow Ghy0501/HiDe-LLaVA (``HiDe/peft/tuners/clitmoelora.py``, ``llava/model/llava_arch.py``), with Prism's
+port (``PEFT/tuners/custom/hidellava.py`` in LAMDA-CL/EMNLP2026-CRAM) as the ``products`` variant. The
+methods' modules (routing_cl.py, hide.py) list where we differ.
 """
 from __future__ import annotations
 

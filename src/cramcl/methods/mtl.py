@@ -9,6 +9,10 @@ drawn uniformly from the union, so tasks are seen in proportion to their sizes. 
 nothing (no training records, no phases). Each row t of the matrix therefore evaluates the same joint model
 on the tasks 0..t: the rows agree, BWT = 0 and forgetting = 0 by construction; MFN / final accuracy is the
 number to compare. It sees every task's data at the start: it is a bound, not a continual method.
+
+Source: the field's multi-task upper bound (PEERS.md); no single original. Where it differs from how papers
+usually train it: the joint budget is the stream's (the sum of the tasks' budgets), so it sees as many batches
+as a sequential method, not more epochs.
 """
 from __future__ import annotations
 
