@@ -147,9 +147,37 @@ def test_moelora_per_token_softmax_router_mixes_experts_and_everything_trains():
     assert method.param_counts() == {"trainable": n, "stored": n, "active_per_sample": n}
 
 
+@pytest.mark.parametrize("lambda1, value", [("original", 0.5), ("mcitlib", 0.05), (0.2, 0.2), (0.0, 0.0)])
+def test_olora_lambda1_scales_the_penalty(lambda1, value):
+    """The same state and batch: the aux loss ``orth`` is lambda1 x the energy (names resolve to 0.5 / 0.05)."""
+    method, model = build("olora", lambda1=lambda1)
+    tasks = make_tasks(2)
+    train_stream(method, model, tasks[:1])
+    method.before_task(1, tasks[1])
+    batch = batch_of(tasks[1].train[:3], 1)
+    method.prepare_batch(batch, train=True)
+    loss, aux = method.compute_loss(model, batch)
+    lm = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    energy = sum(olora_penalty(m.experts_A[1], [m.experts_A[0]]).item() for m in method.layers.values())
+    assert energy > 0 and loss.item() == pytest.approx(lm.item() + value * energy, rel=1e-5)
+    assert aux.get("orth", torch.tensor(0.0)).item() == pytest.approx(value * energy, rel=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.lambda1=-0.1", "method.lambda1: -0.1 must be a number >= 0 or one of original (0.5), mcitlib (0.05)"),
+    ("method.lambda1=prism", "method.lambda1: 'prism' must be a number >= 0 or one of"),
+])
+def test_olora_lambda1_is_checked(override, message):
+    from cramcl.errors import BadInputError
+
+    with pytest.raises(BadInputError) as e:
+        resolve_config(method="olora", profile="quick", overrides=[override])
+    assert any(message in p for p in e.value.problems), e.value.problems
+
+
 def test_replay_buffer_is_bounded_holds_only_earlier_tasks_and_survives_save_load():
     tasks = make_tasks(5)
-    method = Replay(ReplayConfig(buffer_size=7))
+    method = Replay(ReplayConfig(buffer=7))
     for t, task in enumerate(tasks):
         method.before_task(t, task)
         records = method.training_records(t, task, tasks)
@@ -161,7 +189,7 @@ def test_replay_buffer_is_bounded_holds_only_earlier_tasks_and_survives_save_loa
         assert [len(ids) for ids in method.buffer.values()] == equal_quotas(7, t + 1)  # per-task equal quota
         assert all(i.startswith(name + "-") and ids.count(i) == 1 for name, ids in method.buffer.items() for i in ids)
         if t == 2:  # a checkpoint: JSON meta, a fresh method, the records resolved from the stream later
-            loaded, saved = Replay(ReplayConfig(buffer_size=7)), [i for ids in method.buffer.values() for i in ids]
+            loaded, saved = Replay(ReplayConfig(buffer=7)), [i for ids in method.buffer.values() for i in ids]
             loaded.load_state(*(json.loads(json.dumps(part)) for part in method.state()))
     loaded.before_task(3, tasks[3])
     assert [r.id for r in loaded.training_records(3, tasks[3], tasks)] == [r.id for r in tasks[3].train] + saved
@@ -169,6 +197,41 @@ def test_replay_buffer_is_bounded_holds_only_earlier_tasks_and_survives_save_loa
         default, stream = Replay(ReplayConfig()), make_tasks(4, n)
         default.training_records(0, stream[0], stream)
         assert default.capacity == size
+
+
+@pytest.mark.parametrize("settings, replayed", [
+    ({"buffer": 7}, 7), ({"buffer": 0.1}, 40), ({"buffer": "10%"}, 40), ({"buffer": 0.02}, 8), ({}, 8),
+    ({"buffer": 1}, 1), ({"buffer": 0}, 0), ({"buffer": 0.0}, 0), ({"buffer": 500}, 300),  # capped by the data
+    ({"buffer_size": 7}, 7), ({"buffer_fraction": 0.1}, 40),  # the older spelling still decides
+])
+def test_replay_buffer_setting_gives_the_number_of_replayed_records(settings, replayed):
+    """4 tasks of 100 records: after three tasks, task 3 trains on its own 100 plus ``replayed`` buffered ones."""
+    tasks = make_tasks(4, 100)
+    method = Replay(ReplayConfig(**settings))
+    for t, task in enumerate(tasks):
+        method.before_task(t, task)
+        records = method.training_records(t, task, tasks)
+        if t < 3:
+            method.after_task(t)
+    assert len(records) - len(tasks[3].train) == replayed == method.buffer_size_now()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.buffer=1.5", "method.buffer: 1.5 is neither a fraction of the stream below 1 nor a whole number"),
+    ("method.buffer=2.0", "method.buffer: 2.0 is ambiguous: write 2 for that many records or a fraction below 1"),
+    ("method.buffer=-3", "method.buffer: -3 must be >= 0"),
+    ("method.buffer=lots", "method.buffer: 'lots' is neither a fraction"),
+    ("method.buffer=150%", "method.buffer: '150%' is neither a fraction"),
+    ("method.buffer_size=-1", "method.buffer_size: -1 must be >= 0"),
+])
+def test_replay_buffer_setting_is_checked(override, message):
+    from cramcl.errors import BadInputError
+
+    with pytest.raises(BadInputError) as e:
+        resolve_config(method="replay", profile="quick", overrides=[override])
+    assert any(message in p for p in e.value.problems), e.value.problems
+    with pytest.raises(BadInputError, match="set only buffer"):
+        resolve_config(method="replay", profile="quick", overrides=["method.buffer=0.1", "method.buffer_size=7"])
 
 
 def test_mtl_trains_once_on_every_task_then_nothing():
@@ -208,7 +271,7 @@ def test_oracle_lora_routes_by_the_true_task_id_and_declares_it():
 @pytest.mark.parametrize("name", list(BUILD))
 def test_round_trip_identical_outputs_training_continues_eval_without_task_id(name, tmp_path, registered):
     assert resolve_config(method=name, profile="quick").method_args == dataclasses.asdict(BUILD[name][1]())  # yaml
-    tasks, args = make_tasks(3), ({"buffer_size": 4} if name == "replay" else {})
+    tasks, args = make_tasks(3), ({"buffer": 4} if name == "replay" else {})
     method, model = build(name, **args)
     train_stream(method, model, tasks[:2])
     task_index = 1 if method.uses_task_id_at_eval else None

@@ -102,6 +102,55 @@ def test_merged_factors_are_the_sums():
         merged_factors([As[0], torch.randn(3, 7)], [Bs[0], torch.randn(5, 3)], [2.0, 2.0])
 
 
+def test_merged_products_are_the_sum_of_the_products():
+    g = torch.Generator().manual_seed(0)
+    As = [torch.randn(4, 7, generator=g) for _ in range(3)]
+    Bs = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    A, B, s = merged_factors(As, Bs, [2.0, 2.0, 2.0], "products")
+    assert A.shape == (12, 7) and B.shape == (5, 12) and s == 2.0
+    assert torch.allclose(B @ A, sum(b @ a for a, b in zip(As, Bs)), atol=1e-5)  # sum_k B_k A_k by hand
+    Af, Bf, _ = merged_factors(As, Bs, [2.0, 2.0, 2.0], "factors")
+    assert not torch.allclose(Bf @ Af, B @ A, atol=1e-3)  # the cross terms
+    with pytest.raises(ValueError, match="fusion"):
+        merged_factors(As, Bs, [2.0, 2.0, 2.0], "mean")
+
+
+@pytest.mark.parametrize("fusion", ["factors", "products"])
+def test_fusion_setting_decides_the_lower_layers_output(fusion):
+    """The same trained experts: ``factors`` gives W0 x + s (sum B)(sum A) x, ``products`` W0 x + s sum B_k A_k x
+    (computed by hand), and the two differ."""
+    method, _ = make_method(fusion=fusion)
+    run_tasks(method, 3)
+    method.prepare_batch({"records": records("test", 2)}, train=False)
+    x = torch.randn(2, 5, HIDDEN)
+    lower = [layer for layer in method.layers.values() if layer.layer_index != LAYERS - 1]
+    for layer in lower:
+        s = layer.expert_scales[0]
+        with torch.no_grad():
+            factors = layer.base(x) + s * (x @ sum(layer.experts_A[k] for k in range(3)).T) @ \
+                sum(layer.experts_B[k] for k in range(3)).T
+            products = layer.base(x) + sum(lora(layer, k, x) for k in range(3))
+            got = layer(x)
+        want, other = (factors, products) if fusion == "factors" else (products, factors)
+        assert torch.allclose(got, want, atol=1e-4), layer.key
+        assert not torch.allclose(got, other, atol=1e-3), layer.key
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.fusion=sum", "method.fusion: 'sum' must be one of factors, products"),
+    ("method.anchor_mixing=prism", "method.anchor_mixing: 'prism' must be one of authors, same"),
+    ("method.anchor_scale=0", "method.anchor_scale: 0.0 must be null or > 0"),
+    ("method.image_weight=-1", "method.image_weight: -1.0 must be null or >= 0"),
+])
+def test_hide_settings_are_checked(override, message):
+    from cramcl.config import resolve_config
+    from cramcl.errors import BadInputError
+
+    with pytest.raises(BadInputError) as e:
+        resolve_config(method="hide", profile="quick", overrides=[override])
+    assert any(message in p for p in e.value.problems), e.value.problems
+
+
 def test_lower_layers_compute_the_merged_expert():
     method, _ = make_method()
     run_tasks(method, 3)
@@ -123,9 +172,16 @@ def test_lower_layers_compute_the_merged_expert():
             assert not torch.allclose(got, separate, atol=1e-3), key
 
 
-def test_top_layer_weights_follow_the_anchor_formula():
+@pytest.mark.parametrize("settings, w_img, w_txt, scale", [
+    ({}, 0.5, 0.5, 10.0),  # the authors' default: (cos image + cos text) / 2, softmax(sim / 0.1)
+    ({"anchor_mixing": "authors"}, 0.5, 0.5, 10.0),
+    ({"anchor_mixing": "same"}, 0.2, 0.8, 28.0),  # SAME's prior
+    ({"anchor_mixing": "same", "anchor_scale": 5.0}, 0.2, 0.8, 5.0),  # one part overridden
+    ({"image_weight": 1.0, "text_weight": 0.0}, 1.0, 0.0, 10.0),
+])
+def test_top_layer_weights_follow_the_anchor_formula(settings, w_img, w_txt, scale):
     enc = FakeEncoders(seed=3)
-    method, _ = make_method(encoders=enc)
+    method, _ = make_method(encoders=enc, **settings)
     tasks = run_tasks(method, 3)
     img = torch.stack([torch.stack([enc.q[r.id] for r in recs]).mean(0) for recs in tasks])  # (K, D_q)
     txt = torch.stack([torch.stack([enc.t[r.id] for r in recs]).mean(0) for recs in tasks])  # (K, D_t)
@@ -133,7 +189,7 @@ def test_top_layer_weights_follow_the_anchor_formula():
     q, t = enc.image_embeddings(test), enc.text_embeddings(test)
     cos_i = F.cosine_similarity(q[:, None], img[None], dim=-1)
     cos_t = F.cosine_similarity(t[:, None], txt[None], dim=-1)
-    want = torch.softmax(28.0 * (0.2 * cos_i + 0.8 * cos_t), dim=-1)  # (4, 3)
+    want = torch.softmax(scale * (w_img * cos_i + w_txt * cos_t), dim=-1)  # (4, 3)
     assert torch.allclose(method.top_layer_weights(test), want, atol=1e-5)
     method.prepare_batch({"records": test}, train=False)
     layer = method.layers[f"layers.{LAYERS - 1}.o_proj"]

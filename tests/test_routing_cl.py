@@ -11,6 +11,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+import pytest  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -65,13 +66,86 @@ def ln(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 # ------------------------------------------------------------------ phases
 def test_gate_phase_is_capped_and_comes_out_of_the_budget():
-    m = RoutingCL(RoutingCLConfig())
+    m = RoutingCL(RoutingCLConfig(gate_budget="ours"))
     assert m.phases(0, 6) == [Phase("expert", 4), Phase("gates", 2, lr=1e-3)]  # ceil(0.2 * 6) = 2
     assert m.phases(0, 100) == [Phase("expert", 80), Phase("gates", 20, lr=1e-3)]
     assert m.phases(0, 2000) == [Phase("expert", 1900), Phase("gates", 100, lr=1e-3)]  # gate_steps = 100
-    assert RoutingCL(RoutingCLConfig(gate_fraction=None)).phases(0, 50) == [Phase("expert", 1), Phase("gates", 49, lr=1e-3)]
-    assert RoutingCL(RoutingCLConfig(gate_steps=0)).phases(0, 50) == [Phase("expert", 50)]
+    assert RoutingCL(RoutingCLConfig(gate_budget="ours", gate_fraction=None)).phases(0, 50) == \
+        [Phase("expert", 1), Phase("gates", 49, lr=1e-3)]
+    assert RoutingCL(RoutingCLConfig(gate_budget="ours", gate_steps=0)).phases(0, 50) == [Phase("expert", 50)]
+    assert RoutingCL(RoutingCLConfig(gate_budget="ours", gate_lr=2e-3)).phases(0, 10) == \
+        [Phase("expert", 8), Phase("gates", 2, lr=2e-3)]  # gate_lr acts on our budget too
     assert m.phases(0, 1) == [Phase("expert", 1)]
+
+
+def test_phatgoose_budget_leaves_the_whole_task_budget_to_the_expert():
+    m = RoutingCL(RoutingCLConfig())  # the method file's default: PHATGOOSE's budget
+    assert m.gate == {"steps": 100, "lr": 5e-3, "accum": 32, "placement": "after"}
+    assert m.phases(0, 100) == [Phase("expert", 100)]  # the gates train after it, in addition
+    assert RoutingCL(RoutingCLConfig(gate_steps=7, gate_lr=1e-2, gate_accum=4)).gate == \
+        {"steps": 7, "lr": 1e-2, "accum": 4, "placement": "after"}
+    assert RoutingCL(RoutingCLConfig(gate_budget="ours")).gate == {"steps": 100, "lr": 1e-3, "accum": 1,
+                                                                   "placement": "within"}
+
+
+class CountingBackbone(SimpleNamespace):
+    """collate / model_inputs of a token-only backbone that counts the records it collates."""
+
+    def collate(self, records, train=True):
+        self.collated.append(len(records))
+        x = torch.stack([torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(r.seed))
+                         for r in records])
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "records": records}
+
+    def model_inputs(self, batch):
+        return {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+
+
+@pytest.mark.parametrize("steps, accum, lr", [(3, 2, 5e-3), (2, 5, 1e-2)])
+def test_phatgoose_gates_train_for_the_given_steps_after_the_expert(steps, accum, lr, monkeypatch):
+    model = tiny_model()
+    backbone = CountingBackbone(language_model=model, num_layers=LAYERS, model=model, collated=[])
+    train = SimpleNamespace(batch_size=4, warmup_ratio=0.0, grad_clip=1.0, nonfinite="stop")
+    method = RoutingCL(RoutingCLConfig(dropout=0.0, gate_steps=steps, gate_accum=accum, gate_lr=lr))
+    method.setup(Services(backbone=backbone, run_config=SimpleNamespace(backbone=SimpleNamespace(targets=TARGETS),
+                                                                        train=train, seed=0), log=lambda *a: None))
+    task = SimpleNamespace(name="task0", train=[SimpleNamespace(id=f"r{i}", seed=i) for i in range(10)])
+    method.before_task(0, task)
+    assert method.training_records(0, task, [task]) == task.train
+    pretend_trained(method, 0, seed=3)
+    with torch.no_grad():
+        for gs in method.gates.values():
+            gs[0].zero_()
+    experts = {k: (l.experts_A[0].clone(), l.experts_B[0].clone()) for k, l in method.layers.items()}
+    lrs = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]), real_step(self, *a, **k))[1])
+    method.after_task(0)  # the runner calls it right after the trainer's expert steps
+    assert lrs == [lr] * steps  # one AdamW step per gate step, constant lr (no warm-up here)
+    assert backbone.collated == [4] * (steps * accum)  # accum micro-batches of train.batch_size per step
+    assert method.gate_log == [{"task": 0, "steps": steps, "micro_batches": steps * accum, "accum": accum, "lr": lr,
+                                "final_loss": method.gate_log[0]["final_loss"]}]
+    for key, layer in method.layers.items():
+        assert not torch.equal(method.gates[key][0], torch.zeros_like(method.gates[key][0])), key  # gates moved
+        assert torch.equal(layer.experts_A[0], experts[key][0]) and torch.equal(layer.experts_B[0], experts[key][1])
+        assert not method.gates[key][0].requires_grad  # frozen for good after the task
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.gate_budget=fast", "method.gate_budget: 'fast' must be one of phatgoose, ours"),
+    ("method.gate_accum=0", "method.gate_accum: 0 must be null or >= 1"),
+    ("method.gate_lr=0", "method.gate_lr: 0.0 must be null or > 0"),
+    ("method.gate_steps=-1", "method.gate_steps: -1 must be null or >= 0"),
+    ("method.gate_accum=4", "method.gate_accum: 4 needs gate_budget: phatgoose"),  # quick profile: ours
+])
+def test_routing_cl_gate_settings_are_checked(override, message):
+    from cramcl.config import resolve_config
+    from cramcl.errors import BadInputError
+
+    with pytest.raises(BadInputError) as e:
+        resolve_config(method="routing-cl", profile="quick", overrides=[override])
+    assert any(message in p for p in e.value.problems), e.value.problems
 
 
 # ------------------------------------------------------------------ gate training
@@ -216,3 +290,22 @@ def test_quick_stream_end_to_end(tmp_path, monkeypatch):
     assert all(math.isfinite(s) and 0.0 <= s <= 100.0 for row in scores for s in row if s is not None)
     tensors = load_file(str(tmp_path / "run" / "checkpoints" / "task_1" / "method.safetensors"))
     assert tensors["routing_cl.gates.layers.0.q_proj"].shape[0] == 2
+
+
+def test_quick_stream_with_the_phatgoose_budget(tmp_path, monkeypatch):
+    """The expert takes all 6 steps of each task (budget in metrics.json), then 2 gate steps x 2 micro-batches."""
+    from cramcl.config import resolve_config
+    from cramcl.engine.runner import run_stream
+    from cramcl.methods import registry
+
+    monkeypatch.setitem(registry._METHODS, "routing-cl", "cramcl.methods.routing_cl:RoutingCL:RoutingCLConfig")
+    assert resolve_config(method="routing-cl", profile="quick").method_args["gate_budget"] == "ours"  # the profile's
+    cfg = resolve_config(method="routing-cl", profile="quick",
+                         overrides=["data.tasks=[shape,colour]", "train.steps_per_task=6", "method.gate_budget=phatgoose",
+                                    "method.gate_steps=2", "method.gate_accum=2"])
+    run_stream(cfg, tmp_path / "run", log=lambda *a: None)
+    metrics = json.loads((tmp_path / "run" / "results" / "metrics.json").read_text())
+    assert metrics["budget"]["steps_per_task"] == [6, 6]
+    gates = metrics["method_analysis"]["gate_training"]
+    assert (gates["budget"], gates["steps"], gates["accum"], gates["lr"]) == ("phatgoose", 2, 2, 5e-3)
+    assert [(g["task"], g["steps"], g["micro_batches"]) for g in gates["per_task"]] == [(0, 2, 4), (1, 2, 4)]

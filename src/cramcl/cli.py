@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from cramcl.errors import BadInputError, TrainingFault
+from cramcl.config import PROFILES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--method", help="method name (default: cram), or a method of your own: "
                             "path/to/file.py:ClassName or package.module:ClassName")
-        sp.add_argument("--profile", choices=["quick", "default"], help="quick: ~1 min smoke run; default: the demo")
+        sp.add_argument("--profile", choices=list(PROFILES), help="quick: ~1 min smoke run; default: the demo; "
+                        "paper: the CRAM paper's training protocol for real models (docs/real-models.md)")
         sp.add_argument("--out", help="run directory (default: runs/<method>-<profile>)")
         sp.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: one run per seed in OUT/seed_<s>/ "
                         "and a mean +- std summary")
@@ -74,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="adapted modules, parameter counts and routing state")
     i.add_argument("--config", help="a YAML file of settings (without --run: the model it would build)")
     i.add_argument("--method", help="method name (without --run; default: cram)")
-    i.add_argument("--profile", choices=["quick", "default"], help="profile (without --run)")
+    i.add_argument("--profile", choices=list(PROFILES), help="profile (without --run)")
     i.add_argument("--run", help="a run directory (its last checkpoint)")
     i.add_argument("--record", help="show how this test record id is routed (with --run)")
     i.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

@@ -21,7 +21,7 @@ import yaml
 from cramcl.errors import BadInputError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PROFILES = ("quick", "default")
+PROFILES = ("quick", "default", "paper")  # paper: the CRAM paper's training protocol for real models
 
 
 @dataclass
@@ -61,7 +61,8 @@ class BackboneConfig:
 
 @dataclass
 class TrainConfig:
-    steps_per_task: int = 100  # optimizer steps per task (the budget every method shares)
+    steps_per_task: int | None = 100  # optimizer steps per task (the budget every method shares); or null and:
+    epochs_per_task: float | None = None  # passes over each task's records (engine/budget.py); one of the two
     batch_size: int = 32  # per device
     grad_accum: int = 1
     lr: float = 1.0e-3
@@ -309,7 +310,7 @@ CHOICES = {("train", "scheduler"): ("cosine", "constant"), ("train", "eval_batch
 
 
 # (section, key) -> (lowest allowed, highest allowed, whether the bounds are inclusive); None = unbounded
-RANGES = {("train", "steps_per_task"): (1, None), ("train", "batch_size"): (1, None), ("train", "grad_accum"): (1, None),
+RANGES = {("train", "steps_per_task"): (1, None), ("train", "epochs_per_task"): (0, None, False), ("train", "batch_size"): (1, None), ("train", "grad_accum"): (1, None),
           ("train", "lr"): (0, None, False), ("train", "weight_decay"): (0, None), ("train", "warmup_ratio"): (0, 1),
           ("train", "grad_clip"): (0, None), ("train", "eval_batch_size"): (1, None), ("train", "log_every"): (1, None),
           ("train", "progress_seconds"): (0, None, False),
@@ -347,8 +348,10 @@ def check_choices(cfg: RunConfig, where: str) -> None:
             strict = len(bounds) == 3 and not bounds[2]
             want = (f"> {lo}" if strict else f">= {lo}") if hi is None else f"in [{lo}, {hi}]"
             problems.append(f"{where}: {section}.{key}: {value!r} must be {want}")
+    from cramcl.engine.budget import budget_problems
     from cramcl.methods.registry import method_config_class
 
+    problems += [f"{where}: {p}" for p in budget_problems(cfg.train)]
     method_cfg = method_config_class(cfg.method)(**cfg.method_args)
     problems += [f"{where}: method.{p}" for p in getattr(method_cfg, "problems", lambda: [])()]
     if problems:

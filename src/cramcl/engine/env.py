@@ -6,6 +6,8 @@ import platform
 import sys
 from pathlib import Path
 
+from cramcl.engine.budget import global_batch
+
 # No network at run time: a wrong model path fails fast instead of hanging on a hub request.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -81,7 +83,8 @@ def environment_record(cfg, accelerator, backbone, bench) -> dict:
         "world_size": accelerator.num_processes,
         "per_device_batch_size": cfg.train.batch_size,
         "grad_accum": cfg.train.grad_accum,
-        "global_batch_size": cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum,
+        "global_batch_size": global_batch(cfg.train, accelerator.num_processes),
+        "epochs_per_task": cfg.train.epochs_per_task,  # null: a fixed train.steps_per_task
         "mixed_precision": cfg.train.mixed_precision,
         "torch_threads": torch.get_num_threads(),
         "benchmark": {"name": bench.name, "path": str(bench.path), "tasks": bench.task_names()},

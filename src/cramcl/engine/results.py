@@ -25,6 +25,10 @@ def metrics_json(cfg, method, state: dict, partial: bool) -> dict:
         "uses_task_id_at_eval": method.uses_task_id_at_eval,
         "seed": cfg.seed,
         "skipped_steps": state.get("skipped_steps", []),  # per task: non-finite steps dropped (train.nonfinite=skip)
+        # the optimizer steps each task ran (an epoch budget derives them from the task's size) and the global
+        # batch (batch_size x processes x grad_accum) they were counted in
+        "budget": {"steps_per_task": [n for n in state.get("steps_per_task", []) if n is not None],
+                   "epochs_per_task": cfg.train.epochs_per_task, "global_batch_size": state.get("global_batch_size")},
         "eval_batches": cfg.train.eval_batches,  # mixed: test batches mixed the seen tasks; per_task: one at a time
         "complete": not partial,
     })

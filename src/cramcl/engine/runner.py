@@ -6,6 +6,7 @@ task reseeds from (seed, task) and evaluation is greedy, the final matrix equals
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 import yaml
 
 from cramcl.config import RunConfig, config_from_dict
+from cramcl.engine.budget import global_batch, task_steps
 from cramcl.engine.checkpoint import (last_good_checkpoint, remove_orphans, save_checkpoint, write_json_atomic,
                                      write_yaml_atomic)
 from cramcl.engine.env import environment_record
@@ -157,6 +159,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         start = done + 1
         log(f"resuming after task {start - 1} ({names[start - 1]}) from {ckpt}")
 
+    state["global_batch_size"] = global_batch(cfg.train, accelerator.num_processes)  # recorded in metrics.json
     all_test = [r for t in tasks for r in t.test]
     backbone.prepare(all_test, desc="image features (test)")
     method.precompute(all_test)
@@ -169,7 +172,9 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         records = method.training_records(t, task, tasks)  # the task's own, or with replayed / joint records
         backbone.prepare(records, desc=f"image features ({task.name})")
         method.precompute(records)
-        result = train_task(accelerator, backbone, method, records, cfg.train, t,
+        budget = dataclasses.replace(cfg.train, steps_per_task=task_steps(cfg.train, len(task.train),
+                                                                           accelerator.num_processes))
+        result = train_task(accelerator, backbone, method, records, budget, t,
                             seed=_task_seed(cfg.seed, t), global_step=state["global_step"], task_name=task.name)
         method.after_task(t)
         check_finite_state(method, t, task.name)
@@ -178,6 +183,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
             log(f"    method state identical on {n} processes")
         state["global_step"] += result.steps
         state["time_train"][t] = result.seconds
+        state.setdefault("steps_per_task", [None] * len(tasks))[t] = result.steps
         state["trainable_per_task"][t] = result.trained_params
         state.setdefault("skipped_steps", [0] * len(tasks))[t] = result.skipped_steps
         if result.skipped_steps:

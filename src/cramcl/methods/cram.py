@@ -6,6 +6,21 @@ warm-up every adapted module consolidates the buffer into a new expert sized by 
 gap against the group's earlier experts; in the stable phase only the new expert and its centroids train,
 with the orthogonality penalty against the group's history. At evaluation: group = argmax cosine of the
 text embedding to the prototypes, then per-layer RBF weights over that group's experts, per sample.
+
+Source: the authors' code, LAMDA-CL/EMNLP2026-CRAM (a fork of LAMDA-CL/Prism): the adapted linear in
+``PEFT/tuners/custom/cram_lora.py``, the paper's settings in ``config/methods/cram.py``; read, not copied
+(docs/cram.md reconstructs the method from the paper and that code). Where we differ (docs/cram.md, "Where
+cramcl differs from the authors' code", has the reasons):
+* routing per sample (``routing: per_sample``); the authors route a whole batch by its mean embeddings
+  (``routing: batch_mean`` reproduces it);
+* one scale convention: the consolidated expert's factors absorb the buffer's scale (the authors' code
+  applies it a second time);
+* the orthogonality penalty on every adapted module, averaged (the authors': once per layer, one module);
+* sigma 0.25 in units of the gap between a group's two closest centroids (``sigma_units: gap``; the paper's
+  2.0 in ``absolute`` units is for unnormalised CLIP embeddings); theta and tau_novel keep the paper's 0.1
+  and 0.99 in configs/methods/cram.yaml and are restated for our encoders and layer width in the profiles;
+* the routing encoders are any frozen text / image encoders (MiniLM and pooled backbone features by default;
+  the paper: CLIP), outside the MLLM.
 """
 from __future__ import annotations
 

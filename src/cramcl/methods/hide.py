@@ -1,5 +1,9 @@
-"""`hide`: HiDe-LLaVA (hierarchical decoupling: task-general fusion below, task-specific expansion on top),
-as PEERS.md describes it.
+"""`hide`: HiDe-LLaVA (Guo et al., ACL 2025: hierarchical decoupling, task-general fusion below and task-specific
+expansion on top).
+
+Source: the authors' code, Ghy0501/HiDe-LLaVA: the lower-layer fusion in ``HiDe/peft/tuners/clitmoelora.py``
+and the top layer's anchor mixing in ``llava/model/llava_arch.py`` (MCITlib carries a copy); the variant
+``fusion: products`` is LAMDA-CL/Prism's port. Read, not copied; PEERS.md describes both.
 
 Training, per task t (expert index == task index): a fresh LoRA expert (rank 8, alpha 16) on every adapted
 linear trains alone on the task (routing weights one-hot on t; the earlier experts are frozen). The task's
@@ -7,15 +11,30 @@ anchors are stored: the mean image embedding and the mean text embedding of its 
 (RoutingEncoders: the same frozen encoders CRAM routes with).
 
 Evaluation (no task id):
-* lower layers (every adapted layer but the top ``top_layers``, default 1): one merged expert,
-  ``y = W0 x + s (sum_i B_i)(sum_i A_i) x`` (sum of the A's and sum of the B's, cross terms included);
+* lower layers (every adapted layer but the top ``top_layers``, default 1): one merged expert. ``fusion``:
+  ``factors`` (default, the authors'): ``y = W0 x + s (sum_i B_i)(sum_i A_i) x``, cross terms B_i A_j
+  included; ``products`` (Prism's port): ``y = W0 x + s sum_i B_i A_i x``. On the same trained experts the
+  two differ a lot (issue 8 measured MFN 40.2 for factors against 18.5 for products), so the variant is named.
 * top layer: the experts mixed per sample by similarity to the anchors,
-  ``w = softmax_k(28 * (0.2 cos(q, a^img_k) + 0.8 cos(t, a^txt_k)))``.
+  ``w = softmax_k(scale * (image_weight cos(q, a^img_k) + text_weight cos(t, a^txt_k)))``. ``anchor_mixing``:
+  ``authors`` (default): the mean of the two cosines with softmax(sim / 0.1), i.e. weights 0.5 / 0.5, scale
+  10; ``same``: SAME's task prior (0.2 image + 0.8 text, scale 28), which an earlier spec of ours gave for
+  HiDe by mistake. ``image_weight``, ``text_weight``, ``anchor_scale`` (null: the preset's) override one part.
 
-Representation: after each task the merged factors (sum A (r, d_in), sum B (d_out, r), scale s) are written
-into the lower linears' LoRA buffer slot of ``MultiLoRALinear``; evaluation turns the buffer on with weight 1
-and gives the lower layers' experts weight 0, so a lower linear computes exactly the merged expert. Training
-turns the buffer off. The merged factors are saved with the adapters (they are what inference stores).
+Where we differ from the authors' code:
+* experts sit on the attention projections of every decoder layer (``backbone.targets``: q, k, v, o), the
+  adapted set every method here shares; rank 8 / alpha 16 per task as the other per-task baselines;
+* the anchors come from our routing encoders (MiniLM text and pooled backbone image features by default;
+  the authors use CLIP; ``text_encoder`` / ``image_encoder`` take a local CLIP path), averaged over every
+  training record of the task (``anchor_max_records`` caps it);
+* Prism's port also takes the argmax of the top layer's similarities instead of a softmax; ``fusion:
+  products`` changes only the fusion (the top layer keeps ``anchor_mixing``).
+
+Representation: after each task the merged factors (``factors``: sum A (r, d_in), sum B (d_out, r);
+``products``: the A's stacked (K r, d_in), the B's side by side (d_out, K r); scale s) are written into the
+lower linears' LoRA buffer slot of ``MultiLoRALinear``; evaluation turns the buffer on with weight 1 and gives
+the lower layers' experts weight 0, so a lower linear computes exactly the merged expert. Training turns the
+buffer off. The merged factors are saved with the adapters (they are what inference stores).
 
 Accounting: ``stored`` = every expert + the merged factors + the anchors; ``active_per_sample`` = the merged
 factors of the lower linears + every expert of the top linears (the softmax is dense); the anchors live in the
@@ -31,19 +50,45 @@ from torch import Tensor, nn
 from cramcl.encoders import RoutingEncoderConfig
 from cramcl.errors import BadInputError
 from cramcl.methods.base import Services
-from cramcl.methods.expert_merging import anchor_routing_weights, merged_factors
+from cramcl.methods.expert_merging import FUSIONS, anchor_routing_weights, merged_factors
 from cramcl.methods.lora_ft import LoraFTConfig
 from cramcl.methods.per_task import PerTaskLora
 from cramcl.utils.dist import all_reduce_sum
 
 
+# anchor_mixing -> (image_weight, text_weight, scale) of the top layer's softmax over the anchor similarities
+ANCHOR_MIXING = {"authors": (0.5, 0.5, 10.0),  # HiDe-LLaVA's llava_arch.py: (cos_img + cos_txt) / 2, sim / 0.1
+                 "same": (0.2, 0.8, 28.0)}  # SAME's task prior (not HiDe's)
+
+
 @dataclass
 class HiDeConfig(LoraFTConfig, RoutingEncoderConfig):
     top_layers: int = 1  # top transformer layers that mix experts by the anchors; all lower ones merge
-    image_weight: float = 0.2
-    text_weight: float = 0.8
-    anchor_scale: float = 28.0
+    fusion: str = "factors"  # factors: (sum B)(sum A), the authors' | products: sum B_k A_k, Prism's port
+    anchor_mixing: str = "authors"  # authors | same: see ANCHOR_MIXING
+    image_weight: float | None = None  # None: the anchor_mixing preset's
+    text_weight: float | None = None
+    anchor_scale: float | None = None
     anchor_max_records: int | None = None  # None: every training record of the task makes its anchors
+
+    def mixing(self) -> tuple[float, float, float]:
+        """(image_weight, text_weight, scale) in effect: the preset's, each overridden where set."""
+        w_img, w_txt, scale = ANCHOR_MIXING.get(self.anchor_mixing, ANCHOR_MIXING["authors"])
+        return (w_img if self.image_weight is None else self.image_weight,
+                w_txt if self.text_weight is None else self.text_weight,
+                scale if self.anchor_scale is None else self.anchor_scale)
+
+    def problems(self) -> list[str]:
+        """Settings out of range, one line each (checked when the config is resolved)."""
+        checks = [("top_layers", self.top_layers >= 0, ">= 0"),
+                  ("fusion", self.fusion in FUSIONS, f"one of {', '.join(FUSIONS)}"),
+                  ("anchor_mixing", self.anchor_mixing in ANCHOR_MIXING, f"one of {', '.join(ANCHOR_MIXING)}"),
+                  ("image_weight", self.image_weight is None or self.image_weight >= 0, "null or >= 0"),
+                  ("text_weight", self.text_weight is None or self.text_weight >= 0, "null or >= 0"),
+                  ("anchor_scale", self.anchor_scale is None or self.anchor_scale > 0, "null or > 0"),
+                  ("anchor_max_records", self.anchor_max_records is None or self.anchor_max_records >= 1,
+                   "null or >= 1"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)")]
+        return [f"{name}: {getattr(self, name)!r} must be {want}" for name, ok, want in checks if not ok]
 
 
 class HiDe(PerTaskLora):
@@ -51,15 +96,9 @@ class HiDe(PerTaskLora):
 
     def __init__(self, config: HiDeConfig):
         super().__init__(config)
-        problems = []
-        if config.top_layers < 0:
-            problems.append(f"method.top_layers: must be >= 0, got {config.top_layers}")
-        if config.anchor_scale <= 0:
-            problems.append(f"method.anchor_scale: must be > 0, got {config.anchor_scale}")
-        if config.anchor_max_records is not None and config.anchor_max_records < 1:
-            problems.append(f"method.anchor_max_records: must be >= 1 (or null), got {config.anchor_max_records}")
+        problems = config.problems()
         if problems:
-            raise BadInputError(problems)
+            raise BadInputError([f"method.{p}" for p in problems])
         self.image_anchors: list[Tensor] = []  # per task (D_q,)
         self.text_anchors: list[Tensor] = []  # per task (D_t,)
         self.top_indices: set[int] = set()
@@ -136,12 +175,14 @@ class HiDe(PerTaskLora):
 
     @torch.no_grad()
     def merge_lower_layers(self) -> None:
-        """Write (sum A, sum B, s) of every lower linear into its buffer slot (frozen)."""
+        """Write every lower linear's merged expert (``fusion``: see the module docstring) into its buffer slot
+        (frozen)."""
         for layer in self.lower_layers():
             if layer.num_experts == 0:
                 layer.drop_buffer()
                 continue
-            A, B, scale = merged_factors(list(layer.experts_A), list(layer.experts_B), layer.expert_scales)
+            A, B, scale = merged_factors(list(layer.experts_A), list(layer.experts_B), layer.expert_scales,
+                                         self.cfg.fusion)
             layer.buffer_A = nn.Parameter(A.clone(), requires_grad=False)
             layer.buffer_B = nn.Parameter(B.clone(), requires_grad=False)
             layer.buffer_scale = scale
@@ -162,7 +203,7 @@ class HiDe(PerTaskLora):
         q = self.encoders.image_embeddings(records)
         t = self.encoders.text_embeddings(records)
         return anchor_routing_weights(q, t, torch.stack(self.image_anchors), torch.stack(self.text_anchors),
-                                      self.cfg.image_weight, self.cfg.text_weight, self.cfg.anchor_scale)
+                                      *self.cfg.mixing())
 
     def _route(self, layer, x: Tensor) -> Tensor:
         K = layer.num_experts
@@ -185,7 +226,8 @@ class HiDe(PerTaskLora):
         if self.image_anchors:
             tensors["hide.anchors.image"] = torch.stack(self.image_anchors).cpu().contiguous()
             tensors["hide.anchors.text"] = torch.stack(self.text_anchors).cpu().contiguous()
-        meta["hide"] = {"num_tasks": len(self.image_anchors), "top_indices": sorted(self.top_indices)}
+        meta["hide"] = {"num_tasks": len(self.image_anchors), "top_indices": sorted(self.top_indices),
+                        "fusion": self.cfg.fusion}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:

@@ -10,6 +10,11 @@ Experts and routers are shared by all tasks and all of them train on every task 
 no load-balancing loss), so the method forgets like sequential LoRA with a different parameterisation.
 The routers live on the adapted linears (``layer.moe_router``) so they move, wrap (DDP) and count with
 the model; they are saved under ``moelora.router.<canonical key>``.
+
+Source: CoIN's MoELoRA, zackschen/CoIN ``CoIN/peft/tuners/coinmoelora.py`` (Prism carries a port,
+``PEFT/tuners/custom/moelora.py``); read, not copied. Where we differ: the experts sit on q, k, v, o of every
+decoder layer (the adapted set every method shares); the router is per adapted linear and sees the
+linear's own input.
 """
 from __future__ import annotations
 

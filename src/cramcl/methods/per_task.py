@@ -1,4 +1,7 @@
-"""One fresh LoRA per task, earlier ones frozen: the shared base of O-LoRA, oracle-LoRA, routing-CL and HiDe."""
+"""One fresh LoRA per task, earlier ones frozen: the shared base of O-LoRA, oracle-LoRA, routing-CL and HiDe.
+
+Source: none of its own (a building block); each subclass names its source and where it differs.
+"""
 from __future__ import annotations
 
 from cramcl.methods.base import Method, freeze_all_experts, lora_params

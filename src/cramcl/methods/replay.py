@@ -1,8 +1,19 @@
-"""`replay`: sequential LoRA (lora-ft) plus a small buffer of earlier tasks' training records.
+"""`replay`: sequential LoRA (lora-ft) plus a small buffer of earlier tasks' training records (uses old data).
 
-Buffer size: ``buffer_size`` records when set; by default (``buffer_size: null``) 2% of the stream's
-training records (``buffer_fraction = 0.02``, at least 1), fixed once at the first task: 4 records for two
-quick-profile tasks (96 records each), 70 for the default profile's 7 built-in tasks (500 each).
+Source: the field's replay baseline as LAMDA-CL/Prism and MCITlib run it (their replay baseline: a fixed-size
+buffer of earlier tasks' samples mixed into later tasks' training); no single original. PEERS.md: results
+depend strongly on the buffer size (issue 8: 2% of the stream gives MFN 45.3, 10% gives 63.3), so the size is
+one setting and every report states it.
+
+Buffer size: ``buffer``, either a fraction of the stream's training records or a number of records:
+* a number in [0, 1), or a percentage such as ``"10%"``: that share of every task's training records summed
+  (at least 1 record when > 0), fixed once at the first task. Default 0.02 (2%): 4 records for two
+  quick-profile tasks (96 records each), 90 for the default profile's 9 built-in tasks (500 each);
+* a whole number >= 1: that many records (``buffer=500``); 0 means no buffer.
+A number >= 1 that is not whole (``1.5``) is refused: it is neither. ``buffer_size`` (records) and
+``buffer_fraction`` are the older spelling, kept so that runs saved before ``buffer`` existed resume
+unchanged; when either is set it decides (``buffer_size`` first) and ``buffer`` must stay at its default.
+Prism keeps 180 records in all (``buffer=180``), far below 1% of a UCIT task.
 
 Policy: per-task equal quota. After task t the buffer holds, of each finished task i in 0..t, a random
 subset of ceil((size - i) / (t + 1)) records (the slots dealt round-robin, so the earliest tasks get the
@@ -15,6 +26,9 @@ concatenated; the trainer's shuffled batches draw from that union, so replay tak
 size / (size + |task t|) of each batch. The buffer is method state: ``meta["replay"]`` stores its size and
 [task name, [record ids]] per task; after a load the records are resolved lazily from the stream's tasks
 at the next ``training_records`` call.
+
+Where we differ from Prism / MCITlib: their buffer policies (which records, how they are mixed) vary by port;
+ours is the per-task equal quota above, the LoRA sits on q, k, v, o (the adapted set every method shares).
 """
 from __future__ import annotations
 
@@ -27,10 +41,67 @@ from cramcl.methods.base import Services
 from cramcl.methods.lora_ft import LoraFT, LoraFTConfig
 
 
+DEFAULT_BUFFER = 0.02
+
+
+def buffer_spec(value) -> tuple[str, float]:
+    """``buffer`` -> ("fraction", f in [0, 1]) or ("records", n >= 0); ValueError with the reason otherwise.
+
+    0.1 and "10%" are fractions of the stream; 500 is records; 1.5 is neither."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                pct = None
+            if pct is not None and 0 <= pct <= 100:
+                return "fraction", pct / 100.0
+        raise ValueError(f"{value!r} is neither a fraction of the stream (0.1 or '10%') nor a number of records")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is neither a fraction of the stream (0.1 or '10%') nor a number of records")
+    if value < 0:
+        raise ValueError(f"{value!r} must be >= 0")
+    if isinstance(value, int):
+        return "records", value
+    if value < 1:
+        return "fraction", float(value)
+    if value == int(value):
+        raise ValueError(f"{value!r} is ambiguous: write {int(value)} for that many records or a fraction below 1")
+    raise ValueError(f"{value!r} is neither a fraction of the stream below 1 nor a whole number of records")
+
+
 @dataclass
 class ReplayConfig(LoraFTConfig):
-    buffer_size: int | None = None  # records; None: buffer_fraction of the stream's training records
-    buffer_fraction: float = 0.02
+    buffer: int | float | str = DEFAULT_BUFFER  # a fraction of the stream (0.1, "10%") or records (500)
+    buffer_size: int | None = None  # older spelling: records (decides when set)
+    buffer_fraction: float | None = None  # older spelling: a fraction (decides when set and buffer_size is not)
+
+    def buffer_in_effect(self) -> tuple[str, float]:
+        """("records", n) or ("fraction", f): the older spelling when set, else ``buffer``."""
+        if self.buffer_size is not None:
+            return "records", self.buffer_size
+        if self.buffer_fraction is not None:
+            return "fraction", self.buffer_fraction
+        return buffer_spec(self.buffer)
+
+    def problems(self) -> list[str]:
+        """Settings out of range, one line each (checked when the config is resolved)."""
+        out = []
+        try:
+            buffer_spec(self.buffer)
+        except ValueError as e:
+            out.append(f"buffer: {e}")
+        if self.buffer_size is not None and self.buffer_size < 0:
+            out.append(f"buffer_size: {self.buffer_size!r} must be >= 0")
+        if self.buffer_fraction is not None and not 0 <= self.buffer_fraction <= 1:
+            out.append(f"buffer_fraction: {self.buffer_fraction!r} must be in [0, 1]")
+        if (self.buffer_size is not None or self.buffer_fraction is not None) and self.buffer != DEFAULT_BUFFER:
+            out.append(f"buffer: {self.buffer!r} and the older buffer_size / buffer_fraction are both set: "
+                       "set only buffer")
+        if not 0 <= self.dropout < 1:
+            out.append(f"dropout: {self.dropout!r} must be in [0, 1)")
+        return out
 
 
 def equal_quotas(size: int, num_tasks: int) -> list[int]:
@@ -38,16 +109,22 @@ def equal_quotas(size: int, num_tasks: int) -> list[int]:
     return [max(0, math.ceil((size - i) / num_tasks)) for i in range(num_tasks)]
 
 
+def fraction_capacity(fraction: float, n_records: int) -> int:
+    """Buffer records for ``fraction`` of ``n_records``: rounded, at least 1 unless the fraction is 0."""
+    return 0 if fraction == 0 else max(1, round(fraction * n_records))
+
+
 class Replay(LoraFT):
     name = "replay"
 
     def __init__(self, config: ReplayConfig):
         super().__init__(config)
-        if config.buffer_size is not None and config.buffer_size < 0:
-            raise BadInputError(f"method.buffer_size: must be >= 0, got {config.buffer_size}")
-        if not 0.0 <= config.buffer_fraction <= 1.0:
-            raise BadInputError(f"method.buffer_fraction: must be in [0, 1], got {config.buffer_fraction}")
-        self.capacity: int | None = config.buffer_size
+        problems = config.problems()
+        if problems:
+            raise BadInputError([f"method.{p}" for p in problems])
+        kind, amount = config.buffer_in_effect()
+        self._fraction = amount if kind == "fraction" else None
+        self.capacity: int | None = int(amount) if kind == "records" else None
         self.buffer: dict[str, list[str]] = {}  # task name -> buffered record ids (tasks in stream order)
         self._records: dict[tuple[str, str], object] = {}  # (task name, record id) -> record
         self._task = None
@@ -68,8 +145,7 @@ class Replay(LoraFT):
 
     def training_records(self, task_index: int, task, stream: list) -> list:
         if self.capacity is None:
-            total = sum(len(t.train) for t in stream)
-            self.capacity = max(1, round(self.cfg.buffer_fraction * total))
+            self.capacity = fraction_capacity(self._fraction, sum(len(t.train) for t in stream))
         for t in stream:
             if t.name in self.buffer:
                 self._remember(t)
@@ -94,8 +170,7 @@ class Replay(LoraFT):
         if task is None or task.name in self.buffer:
             return
         if self.capacity is None:  # training_records was not called: size from this task alone
-            self.capacity = self.cfg.buffer_size if self.cfg.buffer_size is not None else \
-                max(1, round(self.cfg.buffer_fraction * len(task.train)))
+            self.capacity = fraction_capacity(self._fraction, len(task.train))
         ids = [r.id for r in task.train]
         random.Random(f"{self._seed}:{task.name}").shuffle(ids)
         self.buffer[task.name] = ids
