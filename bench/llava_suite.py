@@ -271,8 +271,8 @@ def bench_generate(model, config, image_token, args, device, dtype, sync) -> dic
 
         def run(ad=ad):
             if ad.variant == "cram":
-                weights = ad.route(groups, q)  # once per batch: every decoding step reuses it
-                ad.ctx.route = lambda layer, x: weights[layer.layer_index]
+                weights = ad.route(groups, q).to(dtype)  # once per batch, in the model's dtype, as CramMethod
+                ad.ctx.route = lambda layer, x: weights[layer.layer_index]  # does: every decoding step reuses it
             return model.generate(**inputs, **kw)
         times[variant] = side_by_side({variant: run}, args.gen_repeats, warmup=1, sync=sync)[variant]
         ad.remove()

@@ -498,3 +498,51 @@ def test_half_precision_inputs_are_not_upcast_and_gradients_reach_float32_factor
     assert torch.allclose(got.float(), want, atol=0.05 * float(want.abs().max()), rtol=0)
     got.float().pow(2).sum().backward()
     assert layer.experts_A[1].grad.dtype == torch.float32 and torch.count_nonzero(layer.experts_B[1].grad) > 0
+
+
+def test_column_multipliers_are_reused_only_while_the_same_weights_come_back():
+    """Decoding steps of one batch route with the same weights: the per-column multiplier is built once. A new
+    batch's weights, an in-place change, or weights that carry a graph (training) are never served stale."""
+    layer, ctx, experts, _ = ragged_layer()
+    for k in range(layer.num_experts):
+        layer.set_expert_trainable(k, False)
+    x, per_sample, _ = x_and_weights()
+    table = torch.stack([per_sample, per_sample.flip(0)])  # (L=2, B, K): the method's per-layer weights
+    ctx.route = lambda lyr, inp: table[0]  # a fresh view of the same memory on every call, as CramMethod's
+    with torch.no_grad():
+        first = layer(x)
+        plan = next(iter(layer._frozen_cache.values()))
+        built = plan._multiplier
+        assert torch.equal(layer(x), first) and plan._multiplier is built  # reused
+        assert torch.allclose(first, naive(layer, x, experts, table[0]), atol=1e-5, rtol=1e-5)
+        table.mul_(0.5)  # written in place: rebuilt
+        assert torch.allclose(layer(x), naive(layer, x, experts, table[0]), atol=1e-5, rtol=1e-5)
+        other = torch.rand_like(per_sample)  # another batch's weights
+        ctx.route = lambda lyr, inp: other
+        assert torch.allclose(layer(x), naive(layer, x, experts, other), atol=1e-5, rtol=1e-5)
+    trained = per_sample.clone().requires_grad_(True)  # routing that trains: a new graph every step
+    ctx.route = lambda lyr, inp: trained
+    layer(x).sum().backward()
+    assert trained.grad is not None and torch.count_nonzero(trained.grad) > 0
+    assert plan._weights_seen is None or not plan._weights_seen.requires_grad
+
+
+def test_optimizer_steps_on_the_trainable_expert_do_not_rebuild_the_frozen_factors(monkeypatch):
+    """A training step writes the trainable expert in place; the frozen experts' concatenation (and its host-to-
+    device copies of column owners and scales, a sync on a GPU) must not be rebuilt for that."""
+    layer, ctx, experts, _ = ragged_layer()
+    layer.set_expert_trainable(0, False)
+    layer.set_expert_trainable(1, False)
+    x, per_sample, _ = x_and_weights()
+    ctx.route = lambda lyr, inp: per_sample
+    opt = torch.optim.SGD([layer.experts_A[2], layer.experts_B[2]], lr=0.1)
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+    before = layer.experts_B[2].detach().clone()
+    for _ in range(3):
+        layer(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(layer.experts_B[2], before)  # it did train
+    assert len(calls) == 2  # one concatenation of the frozen A's and B's, at the first forward only

@@ -56,6 +56,40 @@ class RoutingContext:
         self.extra.clear()
 
 
+@dataclass(eq=False)
+class _Plan:
+    """A layer's cached way to run one set of active experts (see ``MultiLoRALinear._plan``)."""
+    refs: list  # the layer's list of A parameters when the plan was made (identity: a rebuilt list = stale)
+    brefs: list  # ... and of B parameters
+    state: list  # per active expert: True if it trains, else its A's and B's in-place write counters
+    scales: list
+    frozen: tuple[int, ...]
+    trainable: tuple[int, ...]
+    A_cat: Tensor | None = None  # (R, d_in) frozen experts' A's, in the compute dtype
+    B_cat: Tensor | None = None  # (d_out, R)
+    owner: Tensor | None = None  # (R,) expert of each column
+    scale: Tensor | None = None  # (R,) its scale
+    _weights_seen: Tensor | None = None  # the weights the cached multiplier was made from (held, so its memory
+    _multiplier: Tensor | None = None  # cannot be reused by another batch's weights while cached)
+    _seen_version: int = -1  # their in-place write counter then (views share it, so it is kept as a number)
+
+    def column_weights(self, weights: Tensor | None) -> Tensor:
+        """(..., R) per-column multiplier ``weights[..., owner] * scale``, reused while the same weights come
+        back (every decoding step of a batch, every module of one layer): a gather and a multiply per module
+        and step saved."""
+        if weights is None:
+            return self.scale
+        if weights.requires_grad:  # training the routing: a fresh graph every step, nothing to reuse
+            return weights[..., self.owner] * self.scale
+        seen = self._weights_seen
+        if (seen is None or seen.data_ptr() != weights.data_ptr() or seen.shape != weights.shape
+                or seen.stride() != weights.stride() or self._seen_version != weights._version
+                or seen.dtype != weights.dtype or seen.device != weights.device):
+            self._multiplier = weights[..., self.owner] * self.scale
+            self._weights_seen, self._seen_version = weights, weights._version
+        return self._multiplier
+
+
 def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
@@ -179,49 +213,52 @@ class MultiLoRALinear(nn.Module):
             refs = self._refs = (self.experts_A, self.experts_B, list(self.experts_A), list(self.experts_B))
         return refs[2], refs[3]
 
-    def _frozen_factors(self, frozen: tuple[int, ...], device, dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(A_cat (R, d_in), B_cat (d_out, R), owner (R,) expert index per column, scale (R,)) of frozen
-        experts in the compute ``dtype``, built once and reused while none of them changes (``_version``
-        counts in-place writes)."""
+    def _plan(self, active: tuple[int, ...], device, dtype) -> "_Plan":
+        """How this layer runs ``active``: which experts are frozen (concatenated, cached) and which train (own
+        matmul). Reused across forwards while no expert of the set is added, replaced, written in place
+        (``_version``), rescaled or switched between frozen and trainable; otherwise rebuilt."""
         As, Bs = self._expert_refs()
-        versions = tuple((id(As[k]), As[k]._version, id(Bs[k]), Bs[k]._version, self.expert_scales[k]) for k in frozen)
-        hit = self._frozen_cache.get(frozen)
-        if hit is not None and hit[0] == versions and hit[1].device == device and hit[1].dtype == dtype:
-            return hit[1:]
-        with torch.no_grad():
-            A_cat = torch.cat([self.experts_A[k] for k in frozen], dim=0).to(dtype)
-            B_cat = torch.cat([self.experts_B[k] for k in frozen], dim=1).to(dtype)
-        owner = torch.tensor([k for k in frozen for _ in range(self.experts_A[k].shape[0])], device=device)
-        scale = torch.tensor([self.expert_scales[k] for k in frozen for _ in range(self.experts_A[k].shape[0])],
-                             dtype=A_cat.dtype, device=device)
-        self._frozen_cache[frozen] = (versions, A_cat, B_cat, owner, scale)
-        return A_cat, B_cat, owner, scale
+        # a trainable expert is read afresh in every forward: only whether it trains matters, not its writes
+        state = [(As[k].requires_grad, As[k]._version, Bs[k]._version) if not As[k].requires_grad else True
+                 for k in active]
+        scales = [self.expert_scales[k] for k in active]
+        plan = self._frozen_cache.get((active, device, dtype))
+        if plan is not None and plan.refs is As and plan.state == state and plan.scales == scales:
+            return plan
+        frozen = tuple(k for k in active if not As[k].requires_grad)
+        plan = _Plan(As, Bs, state, scales, frozen, tuple(k for k in active if As[k].requires_grad))
+        if frozen:
+            with torch.no_grad():
+                plan.A_cat = torch.cat([As[k] for k in frozen], dim=0).to(dtype)
+                plan.B_cat = torch.cat([Bs[k] for k in frozen], dim=1).to(dtype)
+            columns = [k for k in frozen for _ in range(As[k].shape[0])]
+            plan.owner = torch.tensor(columns, device=device)
+            plan.scale = torch.tensor([self.expert_scales[k] for k in columns], dtype=plan.A_cat.dtype, device=device)
+        self._frozen_cache[(active, device, dtype)] = plan
+        return plan
 
     def _experts_forward(self, xd: Tensor, weights: Tensor | None, active: tuple[int, ...]) -> Tensor:
         """xd: (B, T, d_in); weights: None | (B, K) | (B, T, K) over all K experts, zero outside ``active``
         -> (B, T, d_out), summed over the active experts only."""
         if weights is not None:
-            if weights.shape[0] != xd.shape[0] or weights.shape[-1] != self.num_experts:
+            if weights.shape[0] != xd.shape[0] or weights.shape[-1] != len(self.expert_scales):
                 raise RuntimeError(f"{self.key}: routing weights {tuple(weights.shape)} do not fit a batch of "
-                                   f"{xd.shape[0]} over {self.num_experts} experts (stale routing state?)")
+                                   f"{xd.shape[0]} over {len(self.expert_scales)} experts (stale routing state?)")
             weights = weights.to(xd.dtype)
             if weights.dim() == 2 and xd.dim() == 3:
                 weights = weights.unsqueeze(1)  # (B, 1, K): one weight per sample for every token
-        As, Bs = self._expert_refs()
-        frozen = tuple(k for k in active if not As[k].requires_grad)
+        plan = self._plan(active, xd.device, xd.dtype)
         out = None
-        if frozen:
-            A_cat, B_cat, owner, scale = self._frozen_factors(frozen, xd.device, xd.dtype)
-            h = xd @ A_cat.t()  # (B, T, R)
-            h = h * (scale if weights is None else weights[..., owner] * scale)
-            out = h @ B_cat.t()
-        for k in active:  # trainable experts (one in CRAM's stable phase): their own matmul, never copied
-            if not As[k].requires_grad:
-                continue
-            h = (xd @ As[k].to(xd.dtype).t()) * self.expert_scales[k]
+        if plan.frozen:
+            h = xd @ plan.A_cat.t()  # (B, T, R)
+            h = h * plan.column_weights(weights)
+            out = h @ plan.B_cat.t()
+        for k in plan.trainable:  # trainable experts (one in CRAM's stable phase): their own matmul, never copied
+            A, B = plan.refs[k], plan.brefs[k]
+            h = (xd @ A.to(xd.dtype).t()) * self.expert_scales[k]
             if weights is not None:
                 h = h * weights[..., k:k + 1]
-            part = h @ Bs[k].to(xd.dtype).t()
+            part = h @ B.to(xd.dtype).t()
             out = part if out is None else out + part
         return out
 
