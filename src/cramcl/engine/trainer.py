@@ -148,10 +148,10 @@ def _lr_position(done: int, phase_start: int, phase, total: int) -> tuple[int, i
     return (done - phase_start, phase.steps) if phase.lr is not None else (done, total)
 
 
-def _step_checkpoint_due(done: int, every: int, phase_start: int, phase_steps: int) -> bool:
-    """A step checkpoint after optimizer step ``done``: every ``every`` steps of the task, never on a phase's
-    last step (the phase change, e.g. CRAM's consolidation, has not run yet; the next one is <= every away)."""
-    return every > 0 and done % every == 0 and done - phase_start < phase_steps
+def _step_checkpoint_due(done: int, every: int) -> bool:
+    """A step checkpoint after optimizer step ``done`` of the task: every ``every`` steps (0: never). One on a
+    phase's last step is taken before the phase change (``end_phase``), which the resumed run then performs."""
+    return every > 0 and done % every == 0
 
 
 def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_index: int, seed: int,
@@ -186,10 +186,9 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
             bar.close()
             raise _fault(task_name, task_index, bad[0], phase_name, bad[1])
 
-    phase_start = 0
     for index, phase in enumerate(phases):
         phase_start, phase_end = sum(p.steps for p in phases[:index]), sum(p.steps for p in phases[:index + 1])
-        if done >= phase_end:  # finished before the step checkpoint we resume from
+        if resume is not None and index < resume.phase_index:  # finished before the step checkpoint
             continue
         resuming = resume is not None and index == resume.phase_index
         method.begin_phase(phase)
@@ -255,8 +254,7 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
                 scalars = {f"train/{task_index}/loss": last_loss, "train/lr": opt.param_groups[0]["lr"]}
                 scalars.update({f"train/{task_index}/{k}": float(v) for k, v in aux.items()})
                 accelerator.log(scalars, step=global_step)
-            if step_checkpoint is not None and _step_checkpoint_due(done, cfg.step_checkpoint_every, phase_start,
-                                                                    phase.steps):
+            if step_checkpoint is not None and _step_checkpoint_due(done, cfg.step_checkpoint_every):
                 check(phase.name)  # nothing non-finite is ever checkpointed
                 in_phase = {id(p) for p in params}
                 earlier = trained_before + sum(n for i, n in trained.items() if i not in in_phase)
@@ -267,6 +265,8 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
                         **rng_meta}
                 step_checkpoint(done, {**tensors, **rng_tensors}, meta)
                 kill_point("step_checkpoint_done")
+        if pending_rng is not None:  # resumed at the phase's last step: no batch left, the phase change is next
+            restore_rng(*pending_rng)
         check(phase.name)  # before the phase change (e.g. an SVD of the buffer) and before any checkpoint
         method.end_phase(phase)
         model.eval()
