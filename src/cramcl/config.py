@@ -71,7 +71,9 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | constant
     grad_clip: float = 1.0
     # a NaN/infinite loss or gradient: stop (exit 1, nothing non-finite is checkpointed) or skip that optimizer
-    # step (counted in metrics.json as skipped_steps) for runs with occasional spikes
+    # step (counted in metrics.json as skipped_steps) for runs with occasional spikes. stop keeps the check on
+    # the device and reads it every log_every steps, at each phase's end and before any checkpoint (the error
+    # names the first bad step); skip must read it every step (one device sync per step)
     nonfinite: str = "stop"
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
     eval_batch_size: int = 128
