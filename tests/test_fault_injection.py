@@ -94,4 +94,6 @@ def test_sigkill_mid_task_resumes_from_the_step_checkpoint(method, kill_at, extr
         assert (out / rel).read_text() == (reference / rel).read_text(), rel
     got, want = (load_file(str(d / "checkpoints/task_2/method.safetensors")) for d in (out, reference))
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    got, want = (json.loads((d / "results/metrics.json").read_text()) for d in (out, reference))
+    assert got["params"] == want["params"] and got["skipped_steps"] == want["skipped_steps"]
     assert not (out / "checkpoints" / "step").exists()  # deleted once the task's checkpoint landed

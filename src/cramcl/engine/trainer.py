@@ -154,6 +154,18 @@ def _step_checkpoint_due(done: int, every: int) -> bool:
     return every > 0 and done % every == 0
 
 
+def _trainer_state(opt, phase_index: int, phase_name: str, skipped: int, trained_earlier: int,
+                   last_loss: float | None) -> tuple[dict, dict]:
+    """The trainer's part of a step checkpoint: (tensors: optimizer state + RNG states, JSON meta).
+    ``trained_earlier``: distinct parameters trained in the task's finished phases and not in this one (the
+    resumed run cannot see those phases' parameters, only count them)."""
+    tensors, optim_meta = flatten_optimizer_state(opt.state_dict())
+    rng_tensors, rng_meta = capture_rng()
+    meta = {"phase_index": phase_index, "phase": phase_name, "skipped": skipped, "trained_earlier": trained_earlier,
+            "last_loss": last_loss, "optimizer": optim_meta, **rng_meta}
+    return {**tensors, **rng_tensors}, meta
+
+
 def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_index: int, seed: int,
                global_step: int = 0, task_name: str = "", step_checkpoint=None,
                resume: StepResume | None = None) -> TaskTrainResult:
@@ -258,12 +270,7 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
                 check(phase.name)  # nothing non-finite is ever checkpointed
                 in_phase = {id(p) for p in params}
                 earlier = trained_before + sum(n for i, n in trained.items() if i not in in_phase)
-                tensors, optim_meta = flatten_optimizer_state(opt.state_dict())
-                rng_tensors, rng_meta = capture_rng()
-                meta = {"phase_index": index, "phase": phase.name, "skipped": skipped, "trained_earlier": earlier,
-                        "last_loss": None if last_loss is None else float(last_loss), "optimizer": optim_meta,
-                        **rng_meta}
-                step_checkpoint(done, {**tensors, **rng_tensors}, meta)
+                step_checkpoint(done, *_trainer_state(opt, index, phase.name, skipped, earlier, last_loss))
                 kill_point("step_checkpoint_done")
         if pending_rng is not None:  # resumed at the phase's last step: no batch left, the phase change is next
             restore_rng(*pending_rng)
