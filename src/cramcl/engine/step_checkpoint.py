@@ -18,6 +18,9 @@ last task checkpoint, runs ``before_task`` as usual, then overlays this state (`
 one (which sets the trainable set), loads the optimizer state and, right before the next batch, the RNG
 states. Only methods with ``mid_task_resume = True`` get step checkpoints (their phase_state() holds every
 mid-task statistic); the others resume from the task checkpoint as before.
+
+With several processes the main process writes it and every process restores its RNG states: the processes
+are seeded alike and draw alike, so they hold the same states (mid-task resume is tested on one process).
 """
 from __future__ import annotations
 
