@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-validate", action="store_true", help="skip decoding every image before training (huge "
                    "sets); a bad record is then named when it is met")
     r.add_argument("--force", action="store_true", help="with --resume: accept changes that cannot alter computed "
-                   "results (train.eval_batch_size, train.log_every, train.progress_seconds)")
+                   "results (train.eval_batch_size, train.log_every, train.progress_seconds, "
+                   "train.step_checkpoint_every)")
 
     c = sub.add_parser("compare", help="several methods on the same stream, seed and budget")
     run_args(c, methods_flag=True)

@@ -6,6 +6,9 @@ far, times, parameter counts) and, written last, ``manifest.json`` (each file's 
 are fsynced, then the directory is renamed into place, so an interrupted run leaves either the previous
 checkpoint or the new one. On load, a checkpoint whose files do not match its manifest is reported (file
 and reason) and the previous good one is used.
+
+A step checkpoint (``checkpoints/step/``, see engine/step_checkpoint.py) is written the same way by the same
+functions, with its own files and manifest format; there is at most one, for the task in progress.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ MANIFEST = "manifest.json"
 CHECKPOINT_FILES = ("method.safetensors", "method.json", "runner.json")
 MANIFEST_FORMAT = "cramcl-checkpoint/1"
 _TASK_DIR = re.compile(r"^task_(\d+)$")
-_ORPHAN = re.compile(r"^\.task_\d+\.(tmp|old)\d+$")
+_ORPHAN = re.compile(r"^\.(task_\d+|step)\.(tmp|old)\d+$")
 
 
 def _fsync(path: Path) -> None:
@@ -67,25 +70,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(run_dir: Path, task_index: int, tensors: dict, method_meta: dict, runner_state: dict) -> Path:
-    ckpt_root = run_dir / "checkpoints"
-    final = ckpt_root / f"task_{task_index}"
-    tmp = ckpt_root / f".task_{task_index}.tmp{os.getpid()}"
+def write_checkpoint_dir(ckpt_root: Path, name: str, tensor_files: dict[str, dict], json_files: dict[str, object],
+                         manifest: dict, kill_name: str = "checkpoint_write") -> Path:
+    """Write ``ckpt_root/name`` as one step: every file fsynced in a temporary directory, ``manifest.json``
+    (``manifest`` plus each file's size and SHA-256) last, then a rename over any older ``name``.
+
+    ``tensor_files``: file name -> tensors (safetensors); ``json_files``: file name -> JSON-able object.
+    ``kill_name``: the fault-injection point between the data files and the manifest."""
+    final = ckpt_root / name
+    tmp = ckpt_root / f".{name}.tmp{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "method.safetensors"))
-    _fsync(tmp / "method.safetensors")
-    _write_text_synced(tmp / "method.json", json.dumps(method_meta, indent=1))
-    _write_text_synced(tmp / "runner.json", json.dumps(runner_state, indent=1))
-    kill_point("checkpoint_write")
-    manifest = {"format": MANIFEST_FORMAT, "task": task_index,
-                "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                          for name in CHECKPOINT_FILES}}
+    for fname, tensors in tensor_files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname))
+        _fsync(tmp / fname)
+    for fname, data in json_files.items():
+        _write_text_synced(tmp / fname, json.dumps(data, indent=1))
+    kill_point(kill_name)
+    names = [*tensor_files, *json_files]
+    manifest = {**manifest, "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+                                      for n in names}}
     _write_text_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: its presence means complete
     _fsync(tmp)
-    if final.exists():  # a re-run of the same task after an interruption: replace as one step
-        old = ckpt_root / f".task_{task_index}.old{os.getpid()}"
+    if final.exists():  # a re-run of the same task after an interruption, or a newer step: replace as one step
+        old = ckpt_root / f".{name}.old{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
@@ -95,10 +104,20 @@ def save_checkpoint(run_dir: Path, task_index: int, tensors: dict, method_meta: 
     return final
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def save_checkpoint(run_dir: Path, task_index: int, tensors: dict, method_meta: dict, runner_state: dict) -> Path:
+    return write_checkpoint_dir(run_dir / "checkpoints", f"task_{task_index}", {"method.safetensors": tensors},
+                                {"method.json": method_meta, "runner.json": runner_state},
+                                {"format": MANIFEST_FORMAT, "task": task_index})
+
+
+def checkpoint_problem(path: Path, files: tuple[str, ...] = CHECKPOINT_FILES,
+                       fmt: str = MANIFEST_FORMAT) -> str | None:
     """Why the checkpoint directory ``path`` cannot be trusted (naming the file), or None when every file
-    matches its manifest. A checkpoint of cramcl 0.1 (no manifest) is accepted when its files parse."""
+    matches its manifest. A task checkpoint of cramcl 0.1 (no manifest) is accepted when its files parse.
+    ``files``/``fmt``: what the manifest must list and say (a step checkpoint has its own)."""
     manifest_path = path / MANIFEST
+    if not manifest_path.exists() and fmt != MANIFEST_FORMAT:
+        return f"{manifest_path}: missing (not a complete checkpoint)"
     if not manifest_path.exists():
         missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
         if missing:
@@ -112,15 +131,15 @@ def checkpoint_problem(path: Path) -> str | None:
         return None
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or set(files) != set(CHECKPOINT_FILES):
-            return f"{manifest_path}: not a {MANIFEST_FORMAT} manifest"
+        listed = manifest["files"]
+        if manifest.get("format") != fmt or set(listed) != set(files):
+            return f"{manifest_path}: not a {fmt} manifest"
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{manifest_path}: unreadable ({type(e).__name__})"
     m = _TASK_DIR.match(path.name)
     if m and manifest.get("task") != int(m.group(1)):
         return f"{manifest_path}: written for task {manifest.get('task')}, found in {path.name}"
-    for name, want in files.items():
+    for name, want in listed.items():
         f = path / name
         if not f.is_file():
             return f"{f}: missing"

@@ -5,7 +5,8 @@
     CRAMCL_KILL_AT=train_step:8          # the 8th time
 
 Points: task_start, train_step, eval_batch, checkpoint_write (tensors written, manifest not yet),
-checkpoint_done, results_write (matrix.json written, metrics.json not yet).
+checkpoint_done, results_write (matrix.json written, metrics.json not yet), step_checkpoint_write (a step
+checkpoint's files written, its manifest not yet), step_checkpoint_done (right after a step checkpoint).
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 It knows nothing of any one method (only the lifecycle in ``cramcl.methods.base``). ``resume=True`` reloads
 the resolved config and the last finished task's checkpoint and continues with the next task; since every
 task reseeds from (seed, task) and evaluation is greedy, the final matrix equals an uninterrupted run's.
+When the interrupted task left a step checkpoint (``train.step_checkpoint_every``; engine/step_checkpoint.py)
+that task continues from it instead of from its first step, with the same result.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from cramcl.engine.checkpoint import (last_good_checkpoint, remove_orphans, save
                                      write_yaml_atomic)
 from cramcl.engine.env import environment_record
 from cramcl.engine.kill_points import kill_point
+from cramcl.engine.step_checkpoint import read_step_checkpoint, remove_step_checkpoint, save_step_checkpoint
 from cramcl.errors import BadInputError, TrainingFault
 from cramcl.utils.dist import check_identical_across_processes
 
@@ -80,13 +83,44 @@ def mixed_order(n: int, seed: int, after_task: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def check_finite_state(method, task_index: int, task_name: str) -> None:
-    """Every floating tensor of the method's state must be finite before it is evaluated or checkpointed."""
-    bad = [k for k, v in method.state()[0].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+def check_finite_state(method, task_index: int, task_name: str, when: str = "after training",
+                       tensors: dict | None = None) -> None:
+    """Every floating tensor of the method's state (or of ``tensors``) must be finite before it is evaluated
+    or checkpointed."""
+    tensors = method.state()[0] if tensors is None else tensors
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise TrainingFault(f"task {task_index} ('{task_name}'), after training: {len(bad)} tensor(s) of the method "
+        raise TrainingFault(f"task {task_index} ('{task_name}'), {when}: {len(bad)} tensor(s) of the method "
                             f"state are not finite ({shown}); no checkpoint was written for it")
+
+
+def step_checkpointer(accelerator, method, out: Path, task_index: int, task_name: str, log):
+    """The trainer's ``step_checkpoint`` callback for one task: the method's state and phase state, with the
+    trainer's part (optimizer, RNG, counters), written by the main process; None when the method cannot
+    continue mid-task (``Method.mid_task_resume``)."""
+    if not type(method).mid_task_resume:
+        return None
+
+    def save(done: int, trainer_tensors: dict, trainer_meta: dict) -> None:
+        if not accelerator.is_main_process:
+            return
+        tensors, meta = method.state()
+        phase_tensors, phase_meta = method.phase_state()
+        check_finite_state(method, task_index, task_name, f"at optimizer step {done}", tensors)
+        trainer_tensors = {**trainer_tensors, **{f"phase.{k}": v.detach().cpu() for k, v in phase_tensors.items()}}
+        save_step_checkpoint(out, task_index, done, (tensors, meta), trainer_tensors,
+                             {**trainer_meta, "phase_state": phase_meta})
+
+    return save
+
+
+def resume_mid_task(method, resume, log, task_name: str):
+    """Overlay a step checkpoint's method state on the task just begun (``before_task`` has run)."""
+    method.load_state(resume.method_tensors, resume.method_meta)
+    method.load_phase_state(resume.prefixed("phase."), resume.trainer_meta.get("phase_state", {}))
+    log(f"    resuming '{task_name}' after optimizer step {resume.step} ({resume.trainer_meta['phase']} phase) "
+        "from checkpoints/step")
 
 
 def evaluate_tasks(session, tasks, pred_dir: Path, after_task: int = 0) -> dict[str, float]:
@@ -160,6 +194,15 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         log(f"resuming after task {start - 1} ({names[start - 1]}) from {ckpt}")
 
     state["global_batch_size"] = global_batch(cfg.train, accelerator.num_processes)  # recorded in metrics.json
+    step_resume = None
+    if resume and start < len(tasks):
+        step_resume = read_step_checkpoint(out, start, warn=log)
+        if step_resume is not None and not type(method).mid_task_resume:
+            log(f"note: {cfg.method} does not resume mid-task; task {start} restarts from its first step")
+            step_resume = None
+        if step_resume is None and accelerator.is_main_process:
+            remove_step_checkpoint(out)  # stale (its task has a checkpoint) or unusable: reported above
+
     all_test = [r for t in tasks for r in t.test]
     backbone.prepare(all_test, desc="image features (test)")
     method.precompute(all_test)
@@ -174,8 +217,13 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         method.precompute(records)
         budget = dataclasses.replace(cfg.train, steps_per_task=task_steps(cfg.train, len(task.train),
                                                                            accelerator.num_processes))
+        mid = step_resume if step_resume is not None and step_resume.task == t else None
+        if mid is not None:
+            resume_mid_task(method, mid, log, task.name)
         result = train_task(accelerator, backbone, method, records, budget, t,
-                            seed=_task_seed(cfg.seed, t), global_step=state["global_step"], task_name=task.name)
+                            seed=_task_seed(cfg.seed, t), global_step=state["global_step"], task_name=task.name,
+                            step_checkpoint=step_checkpointer(accelerator, method, out, t, task.name, log),
+                            resume=mid)
         method.after_task(t)
         check_finite_state(method, t, task.name)
         if accelerator.num_processes > 1:  # experts, centroids, prototypes must match on every process
@@ -201,6 +249,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         if accelerator.is_main_process:
             tensors, meta = method.state()
             save_checkpoint(out, t, tensors, meta, state)
+            remove_step_checkpoint(out)  # the task's own checkpoint supersedes it
             kill_point("checkpoint_done")
             write_results(out, cfg, method, state, partial=t + 1 < len(tasks), seen_tasks=tasks[: t + 1])
         accelerator.wait_for_everyone()

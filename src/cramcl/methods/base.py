@@ -10,6 +10,7 @@
     compute_loss(model, batch)            -> (loss, {name: aux loss}) ; the trainer backpropagates `loss`
     after_task(t)                         freeze, consolidate statistics
     state() / load_state(tensors, meta)   everything needed to resume or evaluate (safetensors + JSON)
+    phase_state() / load_phase_state(..)  mid-task extras for a step checkpoint (see ``mid_task_resume``)
     param_counts()                        trainable this task / stored total / active per sample
 """
 from __future__ import annotations
@@ -43,6 +44,13 @@ class Services:
 class Method:
     name: ClassVar[str] = ""
     uses_task_id_at_eval: ClassVar[bool] = False  # only oracle methods may; the runner records it
+    # True: a step checkpoint (train.step_checkpoint_every) can continue a task mid-way. A method opts in once
+    # state() + phase_state() hold everything its training steps change, and begin_phase() (re)sets the
+    # trainable set from a loaded state (load_state freezes every expert). Resuming runs, in this order:
+    # before_task(t), load_state(step state), load_phase_state(..), begin_phase(current phase); earlier
+    # phases of the task are not re-run. Off by default: a method that gathers statistics during the steps
+    # and does not save them would resume with them lost; it then restarts the task from step 0.
+    mid_task_resume: ClassVar[bool] = False
 
     def __init__(self, config):
         self.cfg = config
@@ -105,6 +113,14 @@ class Method:
     def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
         load_adapter_state(self.layers, tensors, meta["adapters"])
         self.task_names = list(meta.get("task_names", []))
+
+    def phase_state(self) -> tuple[dict[str, Tensor], dict]:
+        """What a task's training steps have changed that ``state()`` does not hold (statistics gathered
+        so far in the task, the current phase's bookkeeping); saved in step checkpoints only. Default: none."""
+        return {}, {}
+
+    def load_phase_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore :meth:`phase_state` (called after ``load_state`` and before ``begin_phase``)."""
 
     # ---- accounting
     def param_counts(self) -> dict[str, int]:

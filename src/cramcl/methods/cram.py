@@ -87,6 +87,7 @@ class CramConfig(RoutingEncoderConfig):
 
 class Cram(Method):
     name = "cram"
+    mid_task_resume = True  # phase_state() holds c_buf's running sums; the rest is in state()
 
     def __init__(self, config: CramConfig):
         super().__init__(config)
@@ -206,6 +207,8 @@ class Cram(Method):
         experts = self._group_experts(self.expert_group[new])
         if len(experts) < 2 or self.cfg.routing != "per_sample":
             return
+        if any(c["task"] == self.current_task for c in self.routing_checks):
+            return  # a mid-task resume re-enters the stable phase: the check made at its start is in the state
         q = self.encoders.image_embeddings(self._task_records).to(self.device)
         centroids = self.centroids.stacked(experts)[0]  # (K, D) at the first layer (all start at c_buf)
         sigma = self.cfg.sigma * (float(centroid_gap(centroids)) ** 0.5 if self.cfg.sigma_units == "gap" else 1.0)
@@ -402,6 +405,19 @@ class Cram(Method):
     def load_state(self, tensors, meta) -> None:
         super().load_state(tensors, meta)
         load_cram_state(self, tensors, meta)
+
+    def phase_state(self):
+        """Mid-task: the warm-up's running c_buf sums (consolidation takes their mean at the warm-up's end).
+        The buffer, a new expert, its centroids and the prototypes' running means are in state()."""
+        if self._c_buf.count == 0:
+            return {}, {"c_buf_count": 0}
+        sums, count = self._c_buf.sums()
+        return {"c_buf_sum": sums}, {"c_buf_count": count}
+
+    def load_phase_state(self, tensors, meta) -> None:
+        self._c_buf.reset()
+        if meta.get("c_buf_count", 0):
+            self._c_buf.load_sums(tensors["c_buf_sum"], meta["c_buf_count"])
 
     def param_counts(self) -> dict[str, int]:
         stored = sum(l.experts_A[k].numel() + l.experts_B[k].numel() for l in self.layers.values()

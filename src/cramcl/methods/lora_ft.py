@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cramcl.methods.base import Method, Services
+from cramcl.methods.base import Method, Phase, Services
 
 
 @dataclass
@@ -20,6 +20,7 @@ class LoraFTConfig:
 
 class LoraFT(Method):
     name = "lora-ft"
+    mid_task_resume = True  # all it trains is the one LoRA, in state()
 
     def setup(self, services: Services) -> None:
         super().setup(services)
@@ -29,6 +30,10 @@ class LoraFT(Method):
     def before_task(self, task_index: int, task) -> None:
         super().before_task(task_index, task)
         for layer in self.layers.values():  # loaded checkpoints come back frozen; this LoRA keeps training
+            layer.set_expert_trainable(0, True)
+
+    def begin_phase(self, phase: Phase) -> None:
+        for layer in self.layers.values():  # again here: a mid-task resume loads the state after before_task
             layer.set_expert_trainable(0, True)
 
     def expert_for_task(self, task_index: int) -> int | None:

@@ -4,6 +4,7 @@ terminal (a log, a batch job), a bar writes at most one update every ``interval`
 from __future__ import annotations
 
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -22,3 +23,9 @@ def bar(iterable=None, **kwargs) -> tqdm:
         kwargs.setdefault("mininterval", _interval)
         kwargs.setdefault("maxinterval", max(_interval, 10.0))
     return tqdm(iterable, **kwargs)
+
+
+def due(b: tqdm) -> bool:
+    """Whether ``b`` redraws at its next update (its minimum interval has passed): the moment to read values
+    that cost a device sync (the loss) for its postfix, instead of reading them every step."""
+    return not b.disable and time.time() - b.last_print_t >= b.mininterval
