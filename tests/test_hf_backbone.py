@@ -284,3 +284,42 @@ def _compare_exported(session, out, model_path) -> None:
     effect = float((want - without).abs().max())  # what the expert changes
     assert effect > 1e-5
     assert float((got - want).abs().max()) < 0.01 * effect, (float((got - want).abs().max()), effect)
+
+
+# ------------------------------------------------------------------ data path (DataLoader workers)
+def test_worker_built_batches_equal_main_process_batches(bb, image_records):
+    """The picklable collator runs in DataLoader workers (the model never travels) and gives exactly the batches
+    the training process would build: same tensors, same records, same order."""
+    from cramcl.engine.loader import make_loader
+
+    batches = [[0, 3, 5], [7, 1], [2, 4, 6]]
+    main = list(make_loader(image_records, batches, 3, bb, train=True, workers=0, pin=False))
+    loader = make_loader(image_records, batches, 3, bb, train=True, workers=2, pin=False)
+    assert loader.num_workers == 2
+    workers = list(loader)
+    assert len(workers) == len(main) == 3
+    for a, b in zip(main, workers):
+        assert set(a) == set(b) and [r.id for r in a["records"]] == [r.id for r in b["records"]]
+        for k, v in a.items():
+            if torch.is_tensor(v):
+                assert v.dtype == b[k].dtype and torch.equal(v, b[k]), k
+
+
+def test_loader_workers_setting():
+    """auto: none for a backbone whose batches are cheap (no collator: the embedded one), else one per spare CPU
+    of this process's share, at most 8; a number is taken as given; anything else is bad input."""
+    from types import SimpleNamespace
+
+    from cramcl.config import resolve_config
+    from cramcl.engine.loader import resolve_workers
+
+    heavy, cheap = SimpleNamespace(collator=object()), SimpleNamespace()
+    assert resolve_workers("auto", cheap, cpus=16) == 0
+    assert resolve_workers("auto", heavy, cpus=16) == 8
+    assert resolve_workers("auto", heavy, local_processes=4, cpus=16) == 3
+    assert resolve_workers("auto", heavy, cpus=2) == 1
+    assert resolve_workers("auto", heavy, cpus=1) == 0
+    assert resolve_workers(5, cheap, cpus=1) == 5
+    for bad in ("many", -1):
+        with pytest.raises(BadInputError, match="loader_workers"):
+            resolve_config(method="lora-ft", profile="quick", overrides=[f"train.loader_workers={bad}"])

@@ -14,11 +14,12 @@ from pathlib import Path
 from cramcl.config import RunConfig, _read_yaml, _split_method, apply_layers, parse_overrides
 from cramcl.errors import BadInputError
 
-# Settings that only affect how later evaluation batches are cut, how often progress is logged or how often a
-# step checkpoint is written: scores already in the matrix stay as they are (a later evaluation with another
-# batch size may round floats differently; step checkpoints never change what trains).
+# Settings that only affect how later evaluation batches are cut, how often progress is logged, how often a
+# step checkpoint is written or which processes build the batches: scores already in the matrix stay as they
+# are (a later evaluation with another batch size may round floats differently; step checkpoints and loader
+# workers never change what trains).
 FORCE_SAFE = frozenset({"train.eval_batch_size", "train.log_every", "train.progress_seconds",
-                        "train.step_checkpoint_every"})
+                        "train.step_checkpoint_every", "train.loader_workers"})
 # Settings about checking inputs, not about the run: changed freely on resume (e.g. --no-validate).
 NOT_A_CHANGE = frozenset({"data.validate_images"})
 

@@ -223,7 +223,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         result = train_task(accelerator, backbone, method, records, budget, t,
                             seed=_task_seed(cfg.seed, t), global_step=state["global_step"], task_name=task.name,
                             step_checkpoint=step_checkpointer(accelerator, method, out, t, task.name, log),
-                            resume=mid)
+                            resume=mid, loader_workers=session.loader_workers)
         method.after_task(t)
         check_finite_state(method, t, task.name)
         if accelerator.num_processes > 1:  # experts, centroids, prototypes must match on every process

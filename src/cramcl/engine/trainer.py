@@ -26,39 +26,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 from cramcl.utils.progress import bar as progress_bar, due as progress_due
 
 from cramcl.config import TrainConfig
 from cramcl.engine.kill_points import kill_point
+from cramcl.engine.loader import make_loader
 from cramcl.engine.step_checkpoint import (StepResume, capture_rng, flatten_optimizer_state, restore_rng,
                                            unflatten_optimizer_state)
 from cramcl.errors import TrainingFault
-
-
-class _Records(Dataset):
-    def __init__(self, records):
-        self.records = records
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        return self.records[i]
-
-
-class FixedBatches(Sampler):
-    """Precomputed global batches; ``batch_size`` lets Accelerate split each one across processes."""
-
-    def __init__(self, batches: list[list[int]], batch_size: int):
-        self.batches = batches
-        self.batch_size = batch_size
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, kind: str) -> float:
@@ -168,13 +143,14 @@ def _trainer_state(opt, phase_index: int, phase_name: str, skipped: int, trained
 
 def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_index: int, seed: int,
                global_step: int = 0, task_name: str = "", step_checkpoint=None,
-               resume: StepResume | None = None) -> TaskTrainResult:
+               resume: StepResume | None = None, loader_workers: int = 0) -> TaskTrainResult:
     """Train ``method`` on one task's ``records`` for ``cfg.steps_per_task`` optimizer steps.
 
     ``seed`` fixes the data order; the caller seeds torch before the task (dropout, fresh experts).
     ``step_checkpoint(done, tensors, meta)``: called every ``cfg.step_checkpoint_every`` steps with the
     trainer's part of a step checkpoint (never with a non-finite value pending). ``resume``: continue after
-    ``resume.step`` steps; the caller has already loaded the method's state from the same checkpoint."""
+    ``resume.step`` steps; the caller has already loaded the method's state from the same checkpoint.
+    ``loader_workers``: processes building the batches (engine/loader.py); pinned on a GPU."""
     t0 = time.perf_counter()
     phases = method.phases(task_index, cfg.steps_per_task)
     total = sum(p.steps for p in phases)  # usually steps_per_task; a method may take another budget (mtl)
@@ -211,8 +187,8 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
         base_lr = phase.lr if phase.lr is not None else cfg.lr
         opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
         phase_batches = all_batches[done * cfg.grad_accum:phase_end * cfg.grad_accum]
-        loader = DataLoader(_Records(records), batch_sampler=FixedBatches(phase_batches, micro_global),
-                            collate_fn=lambda recs: backbone.collate(recs, train=True))
+        loader = make_loader(records, phase_batches, micro_global, backbone, train=True, workers=loader_workers,
+                             pin=accelerator.device.type == "cuda")
         model, opt, loader = accelerator.prepare(backbone.model, opt, loader)
         if resuming:
             opt.load_state_dict(unflatten_optimizer_state(resume.trainer_tensors, resume.trainer_meta["optimizer"]))
