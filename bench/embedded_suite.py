@@ -1,0 +1,142 @@
+"""The embedded backbone (the built-in stream's tiny model, CPU): CRAM's stable-phase training step against
+`lora-ft` at the same active rank (4b), and generation on mixed-task batches (4c), through the library's own
+sessions, methods and batches (what `cramcl run` executes), side by side in one process.
+
+    python bench/embedded_suite.py [--steps 20] [--repeats 15] [--json F]
+
+Both methods first learn `shape` (same steps), then CRAM starts `colour` (same instruction: it joins shape's
+group), trains its warm-up and consolidates; the timed steps are CRAM's stable phase on colour's records
+(per-sample routing over the group's two experts, the penalty on) against `lora-ft` (rank = CRAM's mean
+active rank over modules, rounded) training on the same records. Generation: the test records of both tasks,
+shuffled together, in batches of 32, greedy; records/s and generated tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _timing import emit
+
+from cramcl.api import load_config  # noqa: E402
+from cramcl.engine.session import open_session  # noqa: E402
+from cramcl.engine.trainer import global_batches, train_task  # noqa: E402
+from cramcl.eval.evaluate import predict  # noqa: E402
+
+
+def session(method: str, steps: int, extra: list[str]):
+    cfg = load_config(method=method, profile="default",
+                      overrides=["data.tasks=shape,colour", f"train.steps_per_task={steps}", *extra])
+    s = open_session(cfg, Path(tempfile.mkdtemp()), log=lambda *a: None)
+    tasks = list(s.bench.tasks)
+    s.backbone.prepare([r for t in tasks for r in [*t.train, *t.test]])
+    return s, tasks
+
+
+def learn(s, tasks, upto: int, steps: int) -> None:
+    for t in range(upto):
+        torch.manual_seed(t)
+        s.method.before_task(t, tasks[t])
+        s.method.precompute(list(tasks[t].train))
+        train_task(s.accelerator, s.backbone, s.method, list(tasks[t].train), s.cfg.train, t, seed=t)
+        s.method.after_task(t)
+
+
+def step_fn(s, records, batches):
+    """One optimizer step of the method's current phase on the next batch (the trainer's work, without Accelerate's
+    bookkeeping, identical for both methods)."""
+    params = s.method.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=s.cfg.train.lr)
+    model = s.backbone.model
+    model.train()
+    state = {"i": 0}
+
+    def step():
+        batch = s.backbone.collate([records[i] for i in batches[state["i"] % len(batches)]], train=True)
+        state["i"] += 1
+        s.method.prepare_batch(batch, train=True)
+        loss, _ = s.method.compute_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="steps per task before the timed phase")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cram, tasks = session("cram", args.steps, [])
+    learn(cram, tasks, 1, args.steps)
+    t = 1  # colour joins shape's group: warm-up, consolidation, then the stable phase we time
+    cram.method.before_task(t, tasks[t])
+    records = list(tasks[t].train)
+    cram.method.precompute(records)
+    phases = cram.method.phases(t, args.steps)
+    batches = global_batches(len(records), 10_000, cram.cfg.train.batch_size, seed=1)
+    warm = phases[0]
+    cram.method.begin_phase(warm)
+    run_warm = step_fn(cram, records, batches)
+    for _ in range(warm.steps):
+        run_warm()
+    cram.method.end_phase(warm)
+    cram.method.begin_phase(phases[1])
+    new = len(cram.method.expert_group) - 1
+    group = cram.method._group_experts(cram.method.expert_group[new])
+    ranks = [sum(layer.ranks[k] for k in group) for layer in cram.method.layers.values()]
+    active_rank = round(sum(ranks) / len(ranks))
+
+    lora, _ = session("lora-ft", args.steps, [f"method.rank={active_rank}", f"method.alpha={2 * active_rank}"])
+    learn(lora, tasks, 1, args.steps)
+    lora.method.before_task(t, tasks[t])
+    lora.method.begin_phase(lora.method.phases(t, args.steps)[0])
+    variants = {"cram": step_fn(cram, records, batches), "lora": step_fn(lora, records, batches)}
+    for fn in variants.values():
+        fn()
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    step = {k: statistics.median(v) for k, v in times.items()}
+    cram.method.end_phase(phases[1])
+    cram.method.after_task(t)
+    lora.method.end_phase(lora.method.phases(t, args.steps)[0])
+    lora.method.after_task(t)
+
+    test = [r for task in tasks for r in task.test]
+    random.Random(0).shuffle(test)
+    gen_times, tokens = {"cram": [], "lora": []}, {}
+    for _ in range(3):
+        for name, s in (("cram", cram), ("lora", lora)):
+            t0 = time.perf_counter()
+            answers = predict(s.accelerator, s.backbone, s.method, test, 32, desc="bench")
+            gen_times[name].append(time.perf_counter() - t0)
+            tokens[name] = sum(len(a.split()) + 1 for a in answers)  # whitespace tokenizer: words + end token
+    gen = {k: statistics.median(v) for k, v in gen_times.items()}
+    result = {"active_rank": active_rank, "cram_step_s": round(step["cram"], 4), "lora_step_s": round(step["lora"], 4),
+              "step_cram_over_lora": round(step["cram"] / step["lora"], 3), "eval_records": len(test),
+              "cram_gen_s": round(gen["cram"], 3), "lora_gen_s": round(gen["lora"], 3),
+              "cram_tokens_per_s": round(tokens["cram"] / gen["cram"], 1),
+              "lora_tokens_per_s": round(tokens["lora"] / gen["lora"], 1),
+              "gen_time_cram_over_lora": round(gen["cram"] / gen["lora"], 3)}
+    print(f"embedded backbone, {torch.get_num_threads()} threads: stable-phase step CRAM {step['cram'] * 1e3:.1f} ms vs "
+          f"lora-ft (rank {active_rank}) {step['lora'] * 1e3:.1f} ms = {result['step_cram_over_lora']:.2f}x; generation "
+          f"of {len(test)} mixed records {gen['cram']:.2f} s vs {gen['lora']:.2f} s = {result['gen_time_cram_over_lora']:.2f}x")
+    emit("embedded_suite", result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
