@@ -17,7 +17,6 @@ concatenation save), routed/alone (4e: per-sample cost must not grow with other 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch

@@ -22,7 +22,6 @@ Prints tables and one JSON line (``--json`` also writes it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile

@@ -20,6 +20,17 @@ QUICK_TASKS = ("shape", "colour", "ocr")  # in stream order; shape and colour sh
 QUICK_OVERRIDES = (f"data.tasks={','.join(QUICK_TASKS)}", "train.steps_per_task=6")
 
 
+def assert_refused(method: str, overrides: list[str], message: str) -> None:
+    """Resolving ``method`` on the quick profile with ``overrides`` is bad input, one problem containing
+    ``message`` (settings are checked before anything is built or written)."""
+    from cramcl.config import resolve_config
+    from cramcl.errors import BadInputError
+
+    with pytest.raises(BadInputError) as e:
+        resolve_config(method=method, profile="quick", overrides=list(overrides))
+    assert any(message in p for p in e.value.problems), e.value.problems
+
+
 def quick_config(method: str = "lora-ft", extra: tuple[str, ...] | list[str] = ()):
     """The resolved quick-profile config every end-to-end test uses."""
     from cramcl.config import resolve_config

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 
-import pytest
 import torch
 
 from conftest import LogSink, quick_config

@@ -55,30 +55,11 @@ def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, o
     if mode == "oracle":
         one_hot = torch.nn.functional.one_hot(oracle, K).float()
         return one_hot.unsqueeze(0).expand(L, B, K)
-    # every layer at once: a (L, B, K, D) difference instead of L small launches per batch (and per backward)
-    dtype = torch.promote_types(torch.float32, torch.promote_types(q.dtype, centroids.dtype))
-    if mode == "batch_mean":
-        q = q.mean(dim=0, keepdim=True)
-    diff = q.to(dtype)[None, :, None, :] - centroids.to(dtype)[:, None, :, :]  # (L, B or 1, K, D)
-    sq = diff.pow(2).sum(-1)
+    # every layer in one op chain (a (L, B, K, D) difference), not L small chains per batch and per backward
+    fn = batch_mean_routing_weights if mode == "batch_mean" else rbf_routing_weights
     if sigma_units == "gap":
-        sigma = sigma * layer_centroid_gaps(centroids).sqrt().view(L, 1, 1)
-    elif sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    weights = torch.softmax(-sq / (2.0 * sigma ** 2), dim=-1)
-    return weights.expand(L, B, K).clone() if mode == "batch_mean" else weights
-
-
-def layer_centroid_gaps(centroids: Tensor, eps: float = 1e-8) -> Tensor:
-    """:func:`cramcl.routing.centroid.centroid_gap` of every layer at once: (L, K, D) -> (L,), detached."""
-    L, K, _ = centroids.shape
-    dtype = torch.promote_types(torch.float32, centroids.dtype)
-    if K < 2:
-        return torch.ones(L, dtype=dtype, device=centroids.device)
-    c = centroids.detach().to(dtype)
-    d = (c[:, :, None, :] - c[:, None, :, :]).pow(2).sum(-1)  # (L, K, K)
-    d = d + torch.diag(torch.full((K,), float("inf"), dtype=dtype, device=c.device))
-    return d.flatten(1).min(dim=1).values.clamp(min=eps)
+        return fn(q, centroids, sigma * centroid_gap(centroids).sqrt().view(L, 1, 1))
+    return fn(q, centroids, sigma)
 
 
 def scatter_group_weights(per_group: dict[int, tuple[Tensor, Tensor, list[int]]], B: int, K: int, L: int) -> Tensor:

@@ -26,13 +26,13 @@ def _work_dtype(*ts: Tensor) -> torch.dtype:
 def squared_distances(q: Tensor, centroids: Tensor) -> Tensor:
     """||q_b - c_k||^2 for every pair.
 
-    q: (B, D), centroids: (K, D) -> (B, K), in at least float32.
-    Uses the explicit difference (B, K, D) rather than the expanded form ||q||^2 + ||c||^2 - 2 q.c:
-    it cannot go negative by cancellation, and unlike cdist its gradient is finite at zero distance.
+    q: (B, D), centroids: (K, D) -> (B, K); or centroids (L, K, D) (every layer at once) -> (L, B, K). In at
+    least float32. Uses the explicit difference (B, K, D) rather than the expanded form ||q||^2 + ||c||^2 -
+    2 q.c: it cannot go negative by cancellation, and unlike cdist its gradient is finite at zero distance.
     B * K * D stays small here (K <= a few tens).
     """
     dtype = _work_dtype(q, centroids)
-    diff = q.to(dtype)[:, None, :] - centroids.to(dtype)[None, :, :]  # (B, K, D)
+    diff = q.to(dtype)[..., :, None, :] - centroids.to(dtype)[..., None, :, :]  # ([L,] B, K, D)
     return diff.pow(2).sum(-1)
 
 
@@ -40,21 +40,23 @@ def rbf_routing_weights(q: Tensor, centroids: Tensor, sigma: float | Tensor) -> 
     """Per-sample RBF routing weights.
 
     q: (B, D), centroids: (K, D) -> (B, K) = softmax_k(-||q_b - c_k||^2 / (2 sigma^2)); rows sum to 1.
+    Every layer at once: centroids (L, K, D) with sigma a float or (L, 1, 1) -> (L, B, K).
     Differentiable with respect to both q and centroids. Returned in at least float32 (cast for use).
     softmax subtracts the row max, so far-away inputs do not underflow to 0/0.
     """
     if not torch.is_tensor(sigma) and sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    if q.dim() != 2 or centroids.dim() != 2 or q.shape[1] != centroids.shape[1]:
-        raise ValueError(f"expected q (B, D) and centroids (K, D), got {tuple(q.shape)} "
+    if q.dim() != 2 or centroids.dim() not in (2, 3) or q.shape[1] != centroids.shape[-1]:
+        raise ValueError(f"expected q (B, D) and centroids (K, D) or (L, K, D), got {tuple(q.shape)} "
                          f"and {tuple(centroids.shape)}")
-    sigma = sigma if torch.is_tensor(sigma) else float(sigma)  # a 0-d tensor (sigma_units = "gap") stays on device
-    logits = -squared_distances(q, centroids) / (2.0 * sigma ** 2)  # (B, K)
+    sigma = sigma if torch.is_tensor(sigma) else float(sigma)  # a tensor (sigma_units = "gap") stays on device
+    logits = -squared_distances(q, centroids) / (2.0 * sigma ** 2)  # ([L,] B, K)
     return torch.softmax(logits, dim=-1)
 
 
 def centroid_gap(centroids: Tensor, eps: float = 1e-8) -> Tensor:
-    """The squared distance between the two closest centroids: centroids (K, D) -> 0-d tensor (detached).
+    """The squared distance between the two closest centroids: centroids (K, D) -> 0-d tensor (detached);
+    (L, K, D) -> (L,), every layer at once.
 
     The unit in which ``sigma_units = "gap"`` states sigma: with ``sigma_eff^2 = sigma^2 * gap``, an input
     at a centroid prefers it over its nearest rival by ``1 / (2 sigma^2)`` logits, whatever the scale of
@@ -62,24 +64,24 @@ def centroid_gap(centroids: Tensor, eps: float = 1e-8) -> Tensor:
     Fewer than two centroids: 1 (a single expert gets weight 1 anyway). Clamped at ``eps``: identical
     centroids give identical distances, hence uniform weights, not 0/0.
     """
-    K = centroids.shape[0]
+    K = centroids.shape[-2]
     if K < 2:
-        return torch.ones((), dtype=_work_dtype(centroids), device=centroids.device)
+        return torch.ones(centroids.shape[:-2], dtype=_work_dtype(centroids), device=centroids.device)
     c = centroids.detach().to(_work_dtype(centroids))
-    d = squared_distances(c, c)  # (K, K)
-    off = d + torch.diag(torch.full((K,), float("inf"), dtype=d.dtype, device=d.device))
-    return off.min().clamp(min=eps)
+    d = squared_distances(c, c)
+    d = d + torch.diag(torch.full((K,), float("inf"), dtype=d.dtype, device=d.device))  # ([L,] K, K)
+    return d.flatten(-2).min(dim=-1).values.clamp(min=eps)
 
 
 def batch_mean_routing_weights(q: Tensor, centroids: Tensor, sigma: float | Tensor) -> Tensor:
     """The authors' behaviour: route the whole batch by its mean image embedding.
 
-    q: (B, D), centroids: (K, D) -> (B, K) with every row equal to
+    q: (B, D), centroids: (K, D) or (L, K, D) -> (B, K) or (L, B, K) with every row equal to
     ``rbf_routing_weights(q.mean(0, keepdim=True), centroids, sigma)``. Mis-routes mixed-task batches;
     kept only for comparison with the paper.
     """
-    w = rbf_routing_weights(q.mean(dim=0, keepdim=True), centroids, sigma)  # (1, K)
-    return w.expand(q.shape[0], -1).clone()
+    w = rbf_routing_weights(q.mean(dim=0, keepdim=True), centroids, sigma)  # ([L,] 1, K)
+    return w.expand(*w.shape[:-2], q.shape[0], w.shape[-1]).clone()
 
 
 def uniform_routing_weights(B: int, K: int, *, device=None, dtype=torch.float32) -> Tensor:
