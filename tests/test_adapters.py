@@ -511,7 +511,7 @@ def test_column_multipliers_are_reused_only_while_the_same_weights_come_back():
     ctx.route = lambda lyr, inp: table[0]  # a fresh view of the same memory on every call, as CramMethod's
     with torch.no_grad():
         first = layer(x)
-        plan = next(iter(layer._frozen_cache.values()))
+        plan = next(iter(layer._plans.values()))
         built = plan._multiplier
         assert torch.equal(layer(x), first) and plan._multiplier is built  # reused
         assert torch.allclose(first, naive(layer, x, experts, table[0]), atol=1e-5, rtol=1e-5)

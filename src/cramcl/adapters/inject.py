@@ -79,7 +79,7 @@ def load_adapter_state(layers: dict[str, MultiLoRALinear], tensors: dict[str, Te
         layer.experts_A = nn.ParameterList()  # ParameterList has no item deletion
         layer.experts_B = nn.ParameterList()
         layer.expert_scales = []
-        layer._frozen_cache.clear()
+        layer._plans.clear()
         for k, (rank, scale) in enumerate(zip(info["ranks"], info["scales"])):
             A, B = tensors[f"{key}.expert.{k}.A"], tensors[f"{key}.expert.{k}.B"]
             assert A.shape[0] == rank == B.shape[1], f"{key} expert {k}: rank mismatch"

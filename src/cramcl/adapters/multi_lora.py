@@ -112,7 +112,7 @@ class MultiLoRALinear(nn.Module):
         self.buffer_A: nn.Parameter | None = None
         self.buffer_B: nn.Parameter | None = None
         self.buffer_scale = 0.0
-        self._frozen_cache: dict = {}  # active frozen experts -> (versions, A_cat, B_cat, weight columns, scales)
+        self._plans: dict = {}  # (active experts, device, dtype) -> _Plan
         self._refs: tuple | None = None  # plain lists of the experts' parameters (see _expert_refs)
 
     # ------------------------------------------------------------------ shapes
@@ -154,7 +154,7 @@ class MultiLoRALinear(nn.Module):
         self.experts_A.append(nn.Parameter(A))
         self.experts_B.append(nn.Parameter(B))
         self.expert_scales.append(float(scale))
-        self._frozen_cache.clear()
+        self._plans.clear()
         return self.num_experts - 1
 
     def set_expert_trainable(self, index: int, trainable: bool) -> None:
@@ -209,7 +209,8 @@ class MultiLoRALinear(nn.Module):
         forward would pay per expert in each of a model's adapted modules (and per decoding step). Rebuilt
         whenever the ParameterLists are replaced or grow (add_expert, loading a state)."""
         refs = self._refs
-        if refs is None or refs[0] is not self.experts_A or refs[1] is not self.experts_B or len(refs[2]) != len(self.experts_A):
+        A_list, B_list = self.experts_A, self.experts_B
+        if refs is None or refs[0] is not A_list or refs[1] is not B_list or len(refs[2]) != len(A_list):
             refs = self._refs = (self.experts_A, self.experts_B, list(self.experts_A), list(self.experts_B))
         return refs[2], refs[3]
 
@@ -219,10 +220,9 @@ class MultiLoRALinear(nn.Module):
         (``_version``), rescaled or switched between frozen and trainable; otherwise rebuilt."""
         As, Bs = self._expert_refs()
         # a trainable expert is read afresh in every forward: only whether it trains matters, not its writes
-        state = [(As[k].requires_grad, As[k]._version, Bs[k]._version) if not As[k].requires_grad else True
-                 for k in active]
+        state = [True if As[k].requires_grad else (As[k]._version, Bs[k]._version) for k in active]
         scales = [self.expert_scales[k] for k in active]
-        plan = self._frozen_cache.get((active, device, dtype))
+        plan = self._plans.get((active, device, dtype))
         if plan is not None and plan.refs is As and plan.state == state and plan.scales == scales:
             return plan
         frozen = tuple(k for k in active if not As[k].requires_grad)
@@ -234,7 +234,7 @@ class MultiLoRALinear(nn.Module):
             columns = [k for k in frozen for _ in range(As[k].shape[0])]
             plan.owner = torch.tensor(columns, device=device)
             plan.scale = torch.tensor([self.expert_scales[k] for k in columns], dtype=plan.A_cat.dtype, device=device)
-        self._frozen_cache[(active, device, dtype)] = plan
+        self._plans[(active, device, dtype)] = plan
         return plan
 
     def _experts_forward(self, xd: Tensor, weights: Tensor | None, active: tuple[int, ...]) -> Tensor:
