@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
-from cramcl.methods.cram_math import (consolidate_buffer, gated_orthogonality_penalty, orth_history_basis,
-                                      stacked_gated_penalties)
+from cramcl.methods.cram_math import consolidate_buffer
+from cramcl.methods.cram_penalty import OrthogonalityPenalty
 from cramcl.methods.cram_routing import (SIGMA_UNITS, CentroidBank, best_two_expert_weight, group_layer_weights,
                                         routing_check, scatter_group_weights)
 from cramcl.routing.centroid import CentroidAccumulator, centroid_gap
@@ -105,9 +105,7 @@ class Cram(Method):
         self.routing_checks: list[dict] = []  # per task in a shared group: its centroids on its own images
         self._c_buf = CentroidAccumulator()
         self._phase = "eval"
-        self._q_hist: dict[str, Tensor] = {}
-        self._penalty_groups: list[list[int]] = []  # module positions stacked together by the penalty
-        self._pooled: dict[str, Tensor] = {}
+        self.penalty = OrthogonalityPenalty()
 
     # ------------------------------------------------------------------ setup
     def setup(self, services: Services) -> None:
@@ -194,9 +192,8 @@ class Cram(Method):
         for layer in self.layers.values():
             layer.set_expert_trainable(new, True)
         self.centroids.centroids[new].requires_grad_(True)
-        self._q_hist = self._history_bases(new)
-        self._penalty_groups = self._penalty_batches(new) if self._q_hist else []
-        self.context.capture = self._capture if self._q_hist and self.cfg.lambda_orth > 0 else None
+        self.penalty.start(self.layers, new, self._group_experts(self.expert_group[new], exclude=new), self.device)
+        self.context.capture = self._capture if self.penalty.active and self.cfg.lambda_orth > 0 else None
         self._check_routing(new)
 
     @torch.no_grad()
@@ -228,7 +225,7 @@ class Cram(Method):
         if phase.name == "warmup":
             self._consolidate()
         self.context.capture = None
-        self._pooled = {}
+        self.penalty.stop()
 
     def after_task(self, task_index: int) -> None:
         freeze_all_experts(self.layers)
@@ -270,39 +267,6 @@ class Cram(Method):
         self._register_expert(group, task, c_buf)
         self.consolidation_log.append({"task": task, "group": group, "ranks": ranks,
                                        "history_experts": len(history)})
-
-    def _stacked_penalties(self, new: int, gates: Tensor) -> Tensor:
-        """(modules,) gated penalties in ``self.layers``' order, each shape class in one batched pass."""
-        keys = list(self.layers)
-        positions, values = [], []
-        for batch in self._penalty_groups:
-            mods = [self.layers[keys[i]] for i in batch]
-            positions += batch
-            values.append(stacked_gated_penalties(
-                torch.stack([self._pooled[m.key] for m in mods]), torch.stack([m.experts_A[new] for m in mods]),
-                torch.stack([m.experts_B[new] for m in mods]),
-                torch.tensor([m.expert_scales[new] for m in mods], device=gates.device),
-                torch.stack([self._q_hist[m.key] for m in mods]),
-                gates[torch.tensor([m.layer_index for m in mods], device=gates.device)]))
-        return torch.cat(values)[torch.tensor(positions).argsort().to(gates.device)]
-
-    def _penalty_batches(self, new: int) -> list[list[int]]:
-        """Positions (in ``self.layers`` order) of the adapted modules grouped by the shapes the penalty stacks:
-        (d_in, d_out, the new expert's rank, the history basis' rank)."""
-        by_shape: dict[tuple, list[int]] = {}
-        for i, (key, layer) in enumerate(self.layers.items()):
-            shape = (*layer.experts_A[new].shape, layer.out_features, self._q_hist[key].shape[1])
-            by_shape.setdefault(shape, []).append(i)
-        return list(by_shape.values())
-
-    def _history_bases(self, new: int) -> dict[str, Tensor]:
-        history = self._group_experts(self.expert_group[new], exclude=new)
-        if not history:
-            return {}
-        return {key: orth_history_basis([layer.experts_A[k].detach().float() for k in history],
-                                        [layer.experts_B[k].detach().float() for k in history],
-                                        layer.in_features, layer.out_features).to(self.device)
-                for key, layer in self.layers.items()}
 
     # ------------------------------------------------------------------ routing
     def prepare_batch(self, batch: dict, train: bool) -> None:
@@ -375,26 +339,17 @@ class Cram(Method):
 
     # ------------------------------------------------------------------ loss
     def _capture(self, layer, x: Tensor) -> None:
-        mask = self._in_dtype("mask", self._image_mask, x.dtype).unsqueeze(-1)  # (B, T, 1)
-        # pooled input over image tokens; detached: the penalty shapes the new expert, not the hidden states
-        self._pooled[layer.key] = ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).detach()
+        self.penalty.capture(layer, x, self._in_dtype("mask", self._image_mask, x.dtype).unsqueeze(-1))
 
     def compute_loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        self._pooled = {}
+        self.penalty.pooled = {}
         loss, aux = super().compute_loss(model, batch)
-        if self._phase != "stable" or not self._q_hist or self.cfg.lambda_orth == 0:
+        if self._phase != "stable" or not self.penalty.active or self.cfg.lambda_orth == 0:
             return loss, aux
         new = len(self.expert_group) - 1
         history = self._group_experts(self.expert_group[new], exclude=new)
         gates = self._weights[:, :, history].sum(-1)  # (L, B) routing mass on the group's earlier experts
-        if gates.is_cuda:  # a GPU step is bound by launches: one batched pass per module shape, not 128
-            penalties = self._stacked_penalties(new, gates)
-        else:  # per module: no launches to save on a CPU, and its op order is the published CPU results'
-            penalties = torch.stack([gated_orthogonality_penalty(
-                layer.expert_scales[new] * (self._pooled[key].to(layer.experts_A[new].dtype)
-                                            @ layer.experts_A[new].t()) @ layer.experts_B[new].t(),
-                self._q_hist[key], gates[layer.layer_index]) for key, layer in self.layers.items()])
-        orth = self.cfg.lambda_orth * penalties.mean()
+        orth = self.cfg.lambda_orth * self.penalty(self.layers, gates).mean()
         aux["orth"] = orth.detach()
         return loss + orth, aux
 
