@@ -34,6 +34,7 @@ from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods.cram_math import consolidate_buffer
 from cramcl.methods.cram_penalty import OrthogonalityPenalty
+from cramcl.utils.device import to_device
 from cramcl.methods.cram_routing import (SIGMA_UNITS, CentroidBank, best_two_expert_weight, group_layer_weights,
                                         routing_check, scatter_group_weights)
 from cramcl.routing.centroid import CentroidAccumulator, centroid_gap
@@ -272,8 +273,7 @@ class Cram(Method):
     def prepare_batch(self, batch: dict, train: bool) -> None:
         records = batch["records"]
         if train and self._phase == "warmup":
-            q = self.encoders.image_embeddings(records).to(self.device)
-            self._c_buf.add(q.cpu())
+            self._c_buf.add(self.encoders.image_embeddings(records))  # on the host: no device round trip
             self._update_prototype(records)
             self._weights = torch.zeros(self.num_layers, len(records), len(self.expert_group), device=self.device)
             self.context.active = ()  # warm-up: only the buffer acts, no expert runs
@@ -305,7 +305,7 @@ class Cram(Method):
     def routing_weights(self, records, groups: Tensor, task_index=None) -> Tensor:
         """(L, B, K) expert weights of a batch given each sample's group (``task_index``: oracle routing
         only, one task or a (B,) per-record task index)."""
-        q = self.encoders.image_embeddings(records).to(self.device)
+        q = self.encoders.image_embeddings(records)  # (B, D) on the host; each group's rows go over once, async
         per_group = {}
         for g in groups.unique().tolist():
             experts = self._group_experts(g)
@@ -315,8 +315,8 @@ class Cram(Method):
             oracle = None
             if self.cfg.routing == "oracle":
                 oracle = self._oracle_positions(experts, task_index, rows)
-            weights = group_layer_weights(q[rows], self.centroids.stacked(experts), self.cfg.sigma,
-                                          self.cfg.routing, oracle, self.cfg.sigma_units)
+            weights = group_layer_weights(to_device(q[rows], self.device), self.centroids.stacked(experts),
+                                          self.cfg.sigma, self.cfg.routing, oracle, self.cfg.sigma_units)
             per_group[g] = (rows, weights, experts)
         return scatter_group_weights(per_group, len(records), len(self.expert_group), self.num_layers)
 
@@ -329,7 +329,7 @@ class Cram(Method):
         ids = ids.expand(int(rows.max()) + 1) if ids.numel() == 1 else ids
         own_task = [self.expert_task[k] for k in experts]
         pos = [own_task.index(t) if t in own_task else 0 for t in ids[rows.cpu()].tolist()]
-        return torch.tensor(pos, dtype=torch.long, device=self.device)
+        return to_device(torch.tensor(pos, dtype=torch.long), self.device)
 
     def _update_prototype(self, records) -> None:
         t = self.encoders.text_embeddings(records)

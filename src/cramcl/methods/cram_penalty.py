@@ -19,6 +19,8 @@ class OrthogonalityPenalty:
         self.new: int | None = None
         self.q_hist: dict[str, Tensor] = {}  # module key -> (d_out, m) history basis
         self.batches: list[list[int]] = []  # module positions stacked together on a GPU (one shape each)
+        self._indices: list[tuple] = []  # per batch, on device: layer indices, new expert's scales, stacked bases
+        self._order: Tensor | None = None  # batched results back to the modules' order
         self.pooled: dict[str, Tensor] = {}  # module key -> (B, d_in), this forward's pooled inputs
 
     @property
@@ -37,9 +39,17 @@ class OrthogonalityPenalty:
             shape = (*layer.experts_A[new].shape, layer.out_features, self.q_hist[key].shape[1])
             by_shape.setdefault(shape, []).append(i)
         self.batches = list(by_shape.values())
+        # fixed for the phase: built once here, so a step copies nothing from the host
+        mods = list(layers.values())
+        self._indices = [(torch.tensor([mods[i].layer_index for i in b], device=device),
+                          torch.tensor([mods[i].expert_scales[new] for i in b], device=device),
+                          torch.stack([self.q_hist[mods[i].key] for i in b])) for b in self.batches]
+        positions = [i for b in self.batches for i in b]
+        self._order = torch.tensor(positions).argsort().to(device) if positions else None
 
     def stop(self) -> None:
         self.new, self.q_hist, self.batches, self.pooled = None, {}, [], {}
+        self._indices, self._order = [], None
 
     def capture(self, layer: MultiLoRALinear, x: Tensor, image_mask: Tensor) -> None:
         """x: (B, T, d_in), image_mask: (B, T, 1) in x's dtype -> the module's input pooled over image tokens;
@@ -58,15 +68,11 @@ class OrthogonalityPenalty:
             self.q_hist[key], gates[layer.layer_index]) for key, layer in layers.items()])
 
     def _stacked(self, layers: dict[str, MultiLoRALinear], gates: Tensor) -> Tensor:
-        new, keys = self.new, list(layers)
-        positions, values = [], []
-        for batch in self.batches:
-            mods = [layers[keys[i]] for i in batch]
-            positions += batch
+        new, mods = self.new, list(layers.values())
+        values = []
+        for batch, (layer_index, scales, q_hist) in zip(self.batches, self._indices):
+            group = [mods[i] for i in batch]
             values.append(stacked_gated_penalties(
-                torch.stack([self.pooled[m.key] for m in mods]), torch.stack([m.experts_A[new] for m in mods]),
-                torch.stack([m.experts_B[new] for m in mods]),
-                torch.tensor([m.expert_scales[new] for m in mods], device=gates.device),
-                torch.stack([self.q_hist[m.key] for m in mods]),
-                gates[torch.tensor([m.layer_index for m in mods], device=gates.device)]))
-        return torch.cat(values)[torch.tensor(positions).argsort().to(gates.device)]
+                torch.stack([self.pooled[m.key] for m in group]), torch.stack([m.experts_A[new] for m in group]),
+                torch.stack([m.experts_B[new] for m in group]), scales, q_hist, gates[layer_index]))
+        return torch.cat(values)[self._order]

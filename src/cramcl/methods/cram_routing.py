@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from cramcl.routing.centroid import (batch_mean_routing_weights, centroid_gap, rbf_routing_weights, squared_distances,
                                     uniform_routing_weights)
+from cramcl.utils.device import to_device
 
 
 class CentroidBank(nn.Module):
@@ -68,10 +69,10 @@ def scatter_group_weights(per_group: dict[int, tuple[Tensor, Tensor, list[int]]]
     out = torch.zeros(L, B, K, dtype=first.dtype if first is not None else torch.float32,
                       device=first.device if first is not None else None)
     for rows, weights, experts in per_group.values():
-        cols = torch.tensor(experts, device=out.device)
+        cols = to_device(torch.tensor(experts), out.device)  # host index lists go over without a sync
         block = torch.zeros(L, rows.numel(), K, dtype=out.dtype, device=out.device)
         block[:, :, cols] = weights
-        out = out.index_put((torch.arange(L, device=out.device)[:, None], rows[None, :].to(out.device)),
+        out = out.index_put((torch.arange(L, device=out.device)[:, None], to_device(rows, out.device)[None, :]),
                             block, accumulate=True)
     return out
 
