@@ -35,8 +35,9 @@ from _timing import emit, side_by_side, synchronizer
 
 from cramcl.adapters.inject import inject_adapters  # noqa: E402
 from cramcl.adapters.multi_lora import RoutingContext  # noqa: E402
-from cramcl.methods.cram_math import orth_history_basis, stacked_gated_penalties  # noqa: E402
+from cramcl.methods.cram_penalty import OrthogonalityPenalty  # noqa: E402
 from cramcl.methods.cram_routing import group_layer_weights, scatter_group_weights  # noqa: E402
+from cramcl.utils.device import to_device  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EMBED_DIM = 768  # CLIP ViT-L/14's projected image embedding (the routing space)
@@ -110,14 +111,11 @@ class Adapters:
         self.centroids = torch.nn.functional.normalize(torch.randn(L, K, EMBED_DIM, generator=g), dim=-1).to(device)
         self.new_centroids = torch.nn.Parameter(self.centroids[:, -1].clone())
         self.trainable.append(self.new_centroids)
-        hist = [k for k, gr in enumerate(self.group[:-1]) if gr == 0]
-        self.history = hist
-        self.q_hist = {key: orth_history_basis([l.experts_A[k].detach().float() for k in hist],
-                                               [l.experts_B[k].detach().float() for k in hist],
-                                               l.in_features, l.out_features).to(device)
-                       for key, l in self.layers.items()}
+        self.history = [k for k, gr in enumerate(self.group[:-1]) if gr == 0]
         for layer in self.layers.values():
             layer.to(device)
+        self.penalty = OrthogonalityPenalty()  # CramMethod's own: per module on a CPU, batched on a GPU
+        self.penalty.start(self.layers, len(self.group) - 1, self.history, device)
 
     def route(self, groups: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """(L, B, K) weights, per sample within its group, as CramMethod.routing_weights builds them."""
@@ -126,8 +124,8 @@ class Adapters:
         for g in groups.unique().tolist():
             experts = [k for k, gr in enumerate(self.group) if gr == g]
             rows = (groups == g).nonzero(as_tuple=True)[0]
-            w = group_layer_weights(q[rows], cents[:, experts], 0.25, "per_sample", None, "gap")
-            per_group[g] = (rows.to(q.device), w, experts)
+            w = group_layer_weights(q[to_device(rows, q.device)], cents[:, experts], 0.25, "per_sample", None, "gap")
+            per_group[g] = (rows, w, experts)
         self.ctx.active = tuple(k for k, gr in enumerate(self.group) if gr in per_group)
         return scatter_group_weights(per_group, q.shape[0], len(self.group), cents.shape[0])
 
@@ -137,26 +135,14 @@ class Adapters:
         B = batch["input_ids"].shape[0]
         weights = self.route(torch.zeros(B, dtype=torch.long), q)
         mask = (batch["input_ids"] == self.model.config.image_token_index).unsqueeze(-1)
-        pooled = {}
         img = mask.to(dtype=batch["pixel_values"].dtype)  # cast once per batch, as CramMethod does
         weights_c = weights.to(batch["pixel_values"].dtype)
         self.ctx.route = lambda layer, x: weights_c[layer.layer_index]
-
-        def capture(layer, x):
-            pooled[layer.key] = ((x * img).sum(1) / img.sum(1).clamp(min=1)).detach()
-
-        self.ctx.capture = capture
+        self.ctx.capture = lambda layer, x: self.penalty.capture(layer, x, img)
+        self.penalty.pooled = {}
         loss = self.model(**batch).loss
-        new = len(self.group) - 1
         gates = weights[:, :, self.history].sum(-1)  # (L, B)
-        mods = list(self.layers.values())  # one shape class here (4096 x 4096, rank 8): one batched pass
-        penalties = stacked_gated_penalties(
-            torch.stack([pooled[m.key] for m in mods]), torch.stack([m.experts_A[new] for m in mods]),
-            torch.stack([m.experts_B[new] for m in mods]),
-            torch.tensor([m.expert_scales[new] for m in mods], device=gates.device),
-            torch.stack([self.q_hist[m.key] for m in mods]),
-            gates[torch.tensor([m.layer_index for m in mods], device=gates.device)])
-        return loss + penalties.mean()
+        return loss + self.penalty(self.layers, gates).mean()
 
     def remove(self):
         for name, module in list(self.lm.named_modules()):
