@@ -220,10 +220,32 @@ def test_cram_end_to_end_on_tiny_llava(tmp_path, model_dirs, image_records, monk
                                     gradient_checkpointing=True), log=log)
 
     monkeypatch.setattr(cramcl.backbones, "build_backbone", factory)
+    # routing features come from one batched pass per task (Method.precompute), never from a training or
+    # evaluation batch: every model pass that pools image features happens inside precompute
+    from cramcl.methods.base import Method
+
+    inside, outside = [0], []
+    real_precompute, real_pool = Method.precompute, HFBackbone._pool
+
+    def precompute(self, records):
+        inside[0] += 1
+        try:
+            return real_precompute(self, records)
+        finally:
+            inside[0] -= 1
+
+    def pool(self, records):
+        if not inside[0]:
+            outside.append(len(records))
+        return real_pool(self, records)
+
+    monkeypatch.setattr(Method, "precompute", precompute)
+    monkeypatch.setattr(HFBackbone, "_pool", pool)
     cfg = resolve_config(method="cram", profile="quick", benchmark=_benchmark(tmp_path, image_records),
                          overrides=CRAM_OVERRIDES)
     run_stream(cfg, tmp_path / "run", log=_quiet)
     _check_cram_run(tmp_path / "run", num_layers=2)
+    assert outside == [], f"image features pooled outside precompute for batches of {outside}"
 
 
 def _factory_supports_hf() -> bool:
