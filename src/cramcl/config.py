@@ -166,23 +166,26 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def update_dataclass(obj: Any, values: dict, where: str) -> None:
-    """Set fields of ``obj`` from ``values`` (nested dataclasses recurse); unknown keys are errors."""
+def update_dataclass(obj: Any, values: dict, where: str, _prefix: str = "") -> None:
+    """Set fields of ``obj`` from ``values`` (nested dataclasses recurse); unknown keys are errors.
+
+    ``where`` names the layer (a file, "command line"); each problem reads ``<where>: <section.key>: <why>``."""
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
     problems = []
+    section = f"{where}: {_prefix[:-1]}" if _prefix else where
     for key, value in values.items():
         if key not in valid:
-            problems.append(f"{where}: unknown key '{key}'{_nearest(key, valid)}")
+            problems.append(f"{section}: unknown key '{key}'{_nearest(str(key), valid)}")
             continue
         current = getattr(obj, key)
         try:
             if dataclasses.is_dataclass(current):
                 if not isinstance(value, dict):
-                    raise BadInputError(f"{where}.{key}: expected a mapping, got {value!r}")
-                update_dataclass(current, value, f"{where}.{key}")
+                    raise BadInputError(f"{where}: {_prefix}{key}: expected a mapping, got {value!r}")
+                update_dataclass(current, value, where, f"{_prefix}{key}.")
             else:
-                setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+                setattr(obj, key, _coerce(value, hints[key], f"{where}: {_prefix}{key}"))
         except BadInputError as e:
             problems.extend(e.problems)
     if problems:
@@ -396,16 +399,16 @@ def check_choices(cfg: RunConfig, where: str, origins: dict[str, str] | None = N
         raise BadInputError(problems)
 
 
-def config_from_dict(data: dict) -> RunConfig:
+def config_from_dict(data: dict, where: str = "config.yaml") -> RunConfig:
     """Rebuild a RunConfig from a saved ``config.yaml`` (used by ``--resume`` and ``cramcl eval``)."""
     from cramcl.methods.registry import method_config_class
 
     data = dict(data)
     method_args = data.pop("method_args", {}) or {}
     cfg = RunConfig()
-    update_dataclass(cfg, data, "config.yaml")
+    update_dataclass(cfg, data, where)
     method_cfg = method_config_class(cfg.method)()
-    update_dataclass(method_cfg, method_args, "config.yaml: method_args")
+    update_dataclass(method_cfg, method_args, f"{where}: method_args")
     cfg.method_args = dataclasses.asdict(method_cfg)
-    check_choices(cfg, "config.yaml")
+    check_choices(cfg, where)
     return cfg
