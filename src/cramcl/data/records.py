@@ -146,7 +146,9 @@ def _parse_record(obj: Any, image_root: Path) -> tuple[dict, list[str]]:
             is_file = resolved.is_file()
         except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the filesystem, ...
             resolved, is_file = None, False
-            reasons.append(f"image path {image!r} is not a usable file name ({type(exc).__name__}: {exc})")
+            shown = repr(image) if len(image) <= 80 else f"{image[:60]!r}... ({len(image)} characters)"
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            reasons.append(f"image path {shown} is not a usable file name ({why})")
         if resolved is None:
             pass
         elif not resolved.is_relative_to(image_root):
