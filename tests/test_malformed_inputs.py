@@ -93,7 +93,8 @@ RECORDS = {
     "duplicate_ids.jsonl": "record 1 (id 'r0'): duplicate id 'r0' (first used by record 0)",
     "id_is_boolean.jsonl": "record 0 (id 'True'): 'id' must be a string, got bool",
     "image_name_with_nul.jsonl": "record 0 (id 'r0'): image path 'red.png\\x00.png' is not a usable file name (embedded null byte)",
-    "image_name_too_long.jsonl": "(5004 characters) is not a usable file name (File name too long)",
+    "image_name_too_long.jsonl": "record 0 (id 'r0'): image path '" + "x" * 60 + "'... (5004 characters) is not a "
+                                 "usable file name (File name too long)",
     "line_not_an_object.jsonl": "record 1: expected a JSON object, got str",
     "not_utf8.jsonl": "not UTF-8 (byte 0xe9 at line 2, column",
     "llava_no_answer.json": "record 0 (id 'l0'): missing answer (no 'gpt' turn after the human turn)",
