@@ -191,8 +191,10 @@ def _bench(tmp_path: Path) -> Path:
 
 
 def _tree(path: Path) -> dict:
-    """Every file and folder under ``path`` with its bytes' digest (None for folders)."""
-    return {str(p.relative_to(path)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+    """Every file and folder under ``path`` with its bytes' digest and modification time (a file rewritten
+    with the same bytes is touched too); folders by name."""
+    return {str(p.relative_to(path)): ((hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                                       if p.is_file() else None)
             for p in sorted(path.rglob("*"))}
 
 
