@@ -166,23 +166,26 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def update_dataclass(obj: Any, values: dict, where: str) -> None:
-    """Set fields of ``obj`` from ``values`` (nested dataclasses recurse); unknown keys are errors."""
+def update_dataclass(obj: Any, values: dict, where: str, _prefix: str = "") -> None:
+    """Set fields of ``obj`` from ``values`` (nested dataclasses recurse); unknown keys are errors.
+
+    ``where`` names the layer (a file, "command line"); each problem reads ``<where>: <section.key>: <why>``."""
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
     problems = []
+    section = f"{where}: {_prefix[:-1]}" if _prefix else where
     for key, value in values.items():
         if key not in valid:
-            problems.append(f"{where}: unknown key '{key}'{_nearest(key, valid)}")
+            problems.append(f"{section}: unknown key '{key}'{_nearest(str(key), valid)}")
             continue
         current = getattr(obj, key)
         try:
             if dataclasses.is_dataclass(current):
                 if not isinstance(value, dict):
-                    raise BadInputError(f"{where}.{key}: expected a mapping, got {value!r}")
-                update_dataclass(current, value, f"{where}.{key}")
+                    raise BadInputError(f"{where}: {_prefix}{key}: expected a mapping, got {value!r}")
+                update_dataclass(current, value, where, f"{_prefix}{key}.")
             else:
-                setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+                setattr(obj, key, _coerce(value, hints[key], f"{where}: {_prefix}{key}"))
         except BadInputError as e:
             problems.extend(e.problems)
     if problems:
@@ -191,9 +194,15 @@ def update_dataclass(obj: Any, values: dict, where: str) -> None:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise BadInputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BadInputError(f"{path}: is a directory, not a settings file") from None
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise BadInputError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -263,6 +272,10 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
     user = _read_yaml(Path(config_file)) if config_file else {}
     cli = parse_overrides(list(overrides))
     user_name, user_args = _split_method(user, str(config_file))
+    # a flag wins over the file, but a file naming no valid profile is still wrong (never silently ignored)
+    if "profile" in user and (not isinstance(user["profile"], str) or user["profile"] not in PROFILES):
+        raise BadInputError(f"{config_file}: profile: unknown profile {user['profile']!r}"
+                            f"{_nearest(str(user['profile']), list(PROFILES))}")
     cli_name, cli_args = _split_method(cli, "command line")
     # the method and profile may come from any layer; the command line's flags win
     from cramcl.methods.registry import is_builtin, normalize_method_name
@@ -272,6 +285,11 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
     if not isinstance(profile, str) or profile not in PROFILES:
         raise BadInputError(f"--profile: unknown profile '{profile}'{_nearest(str(profile), list(PROFILES))}")
     cfg_cls = method_config_class(method)  # raises BadInputError for an unknown method
+    if user_name and normalize_method_name(user_name) != method:  # overridden by a flag: still a known method?
+        try:
+            method_config_class(normalize_method_name(user_name))
+        except BadInputError as e:
+            raise BadInputError([f"{config_file}: {p.replace('--method: ', 'method: ', 1)}" for p in e.problems]) from None
 
     layers: list[tuple[str, dict, dict]] = []  # (where, run settings, method settings)
     method_yaml = CONFIG_DIR / "methods" / f"{method}.yaml"
@@ -294,8 +312,14 @@ def apply_layers(cfg: RunConfig, method_cfg, layers: list[tuple[str, dict, dict]
     """Apply (where, run settings, method settings) layers in order onto ``cfg`` and its method's config
     dataclass; every problem of every layer is reported at once. Returns ``cfg``, checked."""
     problems = []
+    origins: dict[str, str] = {}  # "train.lr" / "method.rank" -> the last layer that set it (named in range errors)
     for where, run_values, method_values in layers:
         run_values = {k: v for k, v in run_values.items() if k not in ("profile", "method_overrides")}
+        for section, values in run_values.items():
+            for key in (values if isinstance(values, dict) else {}):
+                origins[f"{section}.{key}"] = where
+        for key in method_values:
+            origins[f"method.{key}"] = where
         for target, values, label in ((cfg, run_values, where), (method_cfg, method_values, f"{where}: method")):
             try:
                 update_dataclass(target, values, label)
@@ -306,7 +330,7 @@ def apply_layers(cfg: RunConfig, method_cfg, layers: list[tuple[str, dict, dict]
     if benchmark:
         cfg.data.benchmark = str(Path(benchmark).resolve())
     cfg.method_args = dataclasses.asdict(method_cfg)
-    check_choices(cfg, "settings")
+    check_choices(cfg, "settings", origins)
     return cfg
 
 
@@ -336,44 +360,55 @@ def _out_of_range(value, bounds) -> bool:
     return hi is not None and value > hi
 
 
-def check_choices(cfg: RunConfig, where: str) -> None:
+def check_choices(cfg: RunConfig, where: str, origins: dict[str, str] | None = None) -> None:
     """Settings that take one of a few names or lie in a range, and the method's own checks: anything else is
-    bad input naming the setting and what it accepts (before anything is built or written)."""
+    bad input naming the setting and what it accepts (before anything is built or written). ``origins`` maps a
+    setting ("train.lr") to the layer that set it (a --config file, "command line"), named instead of ``where``."""
+    origins = origins or {}
+
+    def at(name: str) -> str:
+        return origins.get(name, where)
+
     problems = []
     for (section, key), valid in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in valid:
-            problems.append(f"{where}: {section}.{key}: '{value}' is not one of {', '.join(valid)}")
+            problems.append(f"{at(f'{section}.{key}')}: {section}.{key}: '{value}' is not one of {', '.join(valid)}")
     workers = cfg.train.loader_workers
     if not (workers == "auto" or (isinstance(workers, int) and workers >= 0)):
-        problems.append(f"{where}: train.loader_workers: {workers!r} must be auto or a count >= 0")
+        problems.append(f"{at('train.loader_workers')}: train.loader_workers: {workers!r} must be auto or a count >= 0")
     for (section, key), bounds in RANGES.items():
         value = getattr(getattr(cfg, section), key)
         if _out_of_range(value, bounds):
             lo, hi = bounds[0], bounds[1]
             strict = len(bounds) == 3 and not bounds[2]
             want = (f"> {lo}" if strict else f">= {lo}") if hi is None else f"in [{lo}, {hi}]"
-            problems.append(f"{where}: {section}.{key}: {value!r} must be {want}")
+            problems.append(f"{at(f'{section}.{key}')}: {section}.{key}: {value!r} must be {want}")
     from cramcl.engine.budget import budget_problems
     from cramcl.methods.registry import method_config_class
 
     problems += [f"{where}: {p}" for p in budget_problems(cfg.train)]
     method_cfg = method_config_class(cfg.method)(**cfg.method_args)
-    problems += [f"{where}: method.{p}" for p in getattr(method_cfg, "problems", lambda: [])()]
+    # every class of the method's config checks its own fields (a subclass's problems() need not call super)
+    found: list[str] = []
+    for klass in type(method_cfg).__mro__:
+        if "problems" in vars(klass):
+            found += [p for p in klass.problems(method_cfg) if p not in found]
+    problems += [f"{at('method.' + p.split(':')[0])}: method.{p}" for p in found]
     if problems:
         raise BadInputError(problems)
 
 
-def config_from_dict(data: dict) -> RunConfig:
+def config_from_dict(data: dict, where: str = "config.yaml") -> RunConfig:
     """Rebuild a RunConfig from a saved ``config.yaml`` (used by ``--resume`` and ``cramcl eval``)."""
     from cramcl.methods.registry import method_config_class
 
     data = dict(data)
     method_args = data.pop("method_args", {}) or {}
     cfg = RunConfig()
-    update_dataclass(cfg, data, "config.yaml")
+    update_dataclass(cfg, data, where)
     method_cfg = method_config_class(cfg.method)()
-    update_dataclass(method_cfg, method_args, "config.yaml: method_args")
+    update_dataclass(method_cfg, method_args, f"{where}: method_args")
     cfg.method_args = dataclasses.asdict(method_cfg)
-    check_choices(cfg, "config.yaml")
+    check_choices(cfg, where)
     return cfg

@@ -60,6 +60,15 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8: line and column of the first bad byte (1-based)."""
+    data = exc.object if isinstance(exc.object, (bytes, bytearray)) else b""
+    start = exc.start  # (utf-8-sig: counted after a byte-order mark, which is no character)
+    line = data.count(b"\n", 0, start) + 1
+    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+    return f"not UTF-8 (byte 0x{data[start]:02x} at line {line}, column {column}); save the file as UTF-8"
+
+
 def _clean_question(text: str) -> str:
     """Drop the ``<image>`` marker and the newlines around it."""
     return _IMAGE_MARK.sub("\n", text).strip()
@@ -132,10 +141,19 @@ def _parse_record(obj: Any, image_root: Path) -> tuple[dict, list[str]]:
         reasons.append("missing 'image' field")
     else:
         # resolve() follows symlinks, so a link inside image_root pointing outside is caught too.
-        resolved = (image_root / image).resolve()
-        if not resolved.is_relative_to(image_root):
+        try:
+            resolved = (image_root / image).resolve()
+            is_file = resolved.is_file()
+        except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the filesystem, ...
+            resolved, is_file = None, False
+            shown = repr(image) if len(image) <= 80 else f"{image[:60]!r}... ({len(image)} characters)"
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            reasons.append(f"image path {shown} is not a usable file name ({why})")
+        if resolved is None:
+            pass
+        elif not resolved.is_relative_to(image_root):
             reasons.append(f"image '{image}' is outside image_root '{image_root}'")
-        elif not resolved.is_file():
+        elif not is_file:
             reasons.append(f"image '{image}' not found (looked for {resolved})")
         else:
             fields["image"] = resolved
@@ -181,7 +199,9 @@ def read_records(
         text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except FileNotFoundError:
         return [], [f"{path}: file not found"]
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        return [], [f"{path}: {_not_utf8(path, exc)}"]
+    except OSError as exc:
         return [], [f"{path}: cannot read: {exc}"]
     if not text.strip():
         return [], [f"{path}: file is empty (no records)"]
@@ -195,9 +215,9 @@ def read_records(
         raw_id = obj.get("id") if isinstance(obj, dict) else None
         where = f"{path}: record {index}" + (f" (id '{raw_id}')" if raw_id is not None else "")
         fields, reasons = _parse_record(obj, image_root)
-        if raw_id is not None and not isinstance(raw_id, (str, int)):
+        if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
             reasons.append(f"'id' must be a string, got {type(raw_id).__name__}")
-        rid = str(raw_id) if isinstance(raw_id, (str, int)) else f"{path.stem}-{index}"
+        rid = str(raw_id) if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else f"{path.stem}-{index}"
         if rid in first_index:
             reasons.append(f"duplicate id '{rid}' (first used by record {first_index[rid]})")
         else:

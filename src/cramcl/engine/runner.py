@@ -53,12 +53,12 @@ def load_saved_config(run_dir: Path) -> RunConfig:
     if not saved.exists():
         raise BadInputError(f"{saved}: not found; --resume needs the directory of an earlier run")
     try:
-        data = yaml.safe_load(saved.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        data = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise BadInputError(f"{saved}: not a readable config ({type(e).__name__}); the run cannot be resumed") from None
     if not isinstance(data, dict):
         raise BadInputError(f"{saved}: not a cramcl config (expected a mapping)")
-    return config_from_dict(data)
+    return config_from_dict(data, str(saved))
 
 
 def prepare_run_dir(cfg: RunConfig | None, out: Path, resume: bool, asked: dict | None = None,

@@ -17,6 +17,13 @@ class LoraFTConfig:
     alpha: float = 16.0
     dropout: float = 0.05
 
+    def problems(self) -> list[str]:
+        """Settings out of range, one line each (checked when the config is resolved, for every method whose
+        config extends this one)."""
+        checks = [("rank", self.rank >= 1, ">= 1"), ("alpha", self.alpha > 0, "> 0"),
+                  ("dropout", 0 <= self.dropout < 1, "in [0, 1)")]
+        return [f"{name}: {getattr(self, name)!r} must be {want}" for name, ok, want in checks if not ok]
+
 
 class LoraFT(Method):
     name = "lora-ft"
