@@ -34,14 +34,14 @@ from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods.cram_math import consolidate_buffer
 from cramcl.methods.cram_penalty import OrthogonalityPenalty
-from cramcl.utils.device import to_device
 from cramcl.methods.cram_routing import (SIGMA_UNITS, CentroidBank, best_two_expert_weight, group_layer_weights,
                                         routing_check, scatter_group_weights)
+from cramcl.methods.cram_state import (describe_routing, load_cram_state, param_counts, report_sections,
+                                      save_cram_state, stream_analysis)
 from cramcl.routing.centroid import CentroidAccumulator, centroid_gap
 from cramcl.routing.groups import InstructionGroups
 from cramcl.errors import BadInputError
-from cramcl.methods.cram_state import (describe_routing, load_cram_state, own_expert_weights, rank_summary,
-                                      report_sections, save_cram_state)
+from cramcl.utils.device import to_device
 from cramcl.utils.dist import all_reduce_sum, broadcast_from_main
 
 ROUTING_MODES = ("per_sample", "batch_mean", "uniform", "oracle")
@@ -375,34 +375,10 @@ class Cram(Method):
             self._c_buf.load_sums(tensors["c_buf_sum"], meta["c_buf_count"])
 
     def param_counts(self) -> dict[str, int]:
-        stored = sum(l.experts_A[k].numel() + l.experts_B[k].numel() for l in self.layers.values()
-                     for k in range(l.num_experts)) + sum(p.numel() for p in self.centroids.parameters())
-        stored += sum(p.numel() for p in self.groups.state_dict().values() if torch.is_tensor(p))
-        # a sample runs the experts of its own group: the largest group bounds it
-        per_group = {}
-        for k, g in enumerate(self.expert_group):
-            per_group[g] = per_group.get(g, 0) + sum(l.experts_A[k].numel() + l.experts_B[k].numel()
-                                                     for l in self.layers.values())
-        return {"trainable": 0, "stored": stored, "active_per_sample": max(per_group.values(), default=0)}
+        return param_counts(self)
 
-    @torch.no_grad()
     def stream_analysis(self, tasks) -> dict:
-        """Level-1 accuracy (share of each seen task's test records routed to the task's own group) and
-        level 2's result (the weight each task's own expert gets on its own test images; logged)."""
-        self.group_accuracy = {}
-        for i, task in enumerate(tasks):
-            if i < len(self.task_group):
-                assigned = self.assign_groups(list(task.test))
-                self.group_accuracy[task.name] = 100.0 * (assigned == self.task_group[i]).float().mean().item()
-        self.own_weights = own_expert_weights(self, tasks)
-        shared = {t: w["mean"] for t, w in self.own_weights.items() if w["experts_in_group"] > 1}
-        if shared:
-            self.services.log("    CRAM: own expert's weight on own test images: "
-                              + ", ".join(f"{t} {w:.2f}" for t, w in shared.items()))
-        return {"groups": self.groups.num_groups, "task_group": dict(zip([t.name for t in tasks], self.task_group)),
-                "group_accuracy": self.group_accuracy, "own_expert_weight": self.own_weights,
-                "routing_checks": self.routing_checks,
-                "experts": [dict(r, params=int(r["params"])) for r in rank_summary(self)]}
+        return stream_analysis(self, tasks)
 
     def report_sections(self):
         return report_sections(self)

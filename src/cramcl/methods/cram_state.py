@@ -1,4 +1,5 @@
-"""CRAM's saved state (groups, prototypes, centroids, expert bookkeeping) and its human-readable views."""
+"""CRAM's saved state (groups, prototypes, centroids, expert bookkeeping), its parameter accounting and its
+human-readable views."""
 from __future__ import annotations
 
 from collections import Counter
@@ -37,6 +38,19 @@ def load_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> None:
     method.routing_checks = list(info.get("routing_checks", []))  # absent in checkpoints of cramcl <= 0.1
 
 
+def param_counts(method) -> dict[str, int]:
+    """Stored: every expert, centroid and group prototype; active per sample: the largest group's experts
+    (a sample runs the experts of its own group only)."""
+    layers = method.layers.values()
+    stored = sum(l.experts_A[k].numel() + l.experts_B[k].numel() for l in layers for k in range(l.num_experts))
+    stored += sum(p.numel() for p in method.centroids.parameters())
+    stored += sum(p.numel() for p in method.groups.state_dict().values() if torch.is_tensor(p))
+    per_group = {}
+    for k, g in enumerate(method.expert_group):
+        per_group[g] = per_group.get(g, 0) + sum(l.experts_A[k].numel() + l.experts_B[k].numel() for l in layers)
+    return {"trainable": 0, "stored": stored, "active_per_sample": max(per_group.values(), default=0)}
+
+
 def rank_summary(method) -> list[dict]:
     """Per expert: task, group, total rank and min/median/max rank over modules."""
     rows = []
@@ -67,6 +81,26 @@ def own_expert_weights(method, tasks) -> dict[str, dict]:
                           "per_layer": [round(float(v), 4) for v in per_layer],
                           "experts_in_group": len(method._group_experts(method.expert_group[k]))}
     return out
+
+
+@torch.no_grad()
+def stream_analysis(method, tasks) -> dict:
+    """Level-1 accuracy (share of each seen task's test records routed to the task's own group) and
+    level 2's result (the weight each task's own expert gets on its own test images; logged)."""
+    method.group_accuracy = {}
+    for i, task in enumerate(tasks):
+        if i < len(method.task_group):
+            assigned = method.assign_groups(list(task.test))
+            method.group_accuracy[task.name] = 100.0 * (assigned == method.task_group[i]).float().mean().item()
+    method.own_weights = own_expert_weights(method, tasks)
+    shared = {t: w["mean"] for t, w in method.own_weights.items() if w["experts_in_group"] > 1}
+    if shared:
+        method.services.log("    CRAM: own expert's weight on own test images: "
+                            + ", ".join(f"{t} {w:.2f}" for t, w in shared.items()))
+    return {"groups": method.groups.num_groups, "task_group": dict(zip([t.name for t in tasks], method.task_group)),
+            "group_accuracy": method.group_accuracy, "own_expert_weight": method.own_weights,
+            "routing_checks": method.routing_checks,
+            "experts": [dict(r, params=int(r["params"])) for r in rank_summary(method)]}
 
 
 def report_sections(method) -> list[tuple[str, str]]:

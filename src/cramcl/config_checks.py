@@ -1,0 +1,70 @@
+"""What each setting accepts: the named choices, the numeric ranges, and the method's own checks, all run on a
+resolved config before anything is built or written; every problem is one line naming the setting and the
+file (or command line) that set it."""
+from __future__ import annotations
+
+from cramcl.errors import BadInputError
+
+CHOICES = {("train", "scheduler"): ("cosine", "constant"), ("train", "eval_batches"): ("mixed", "per_task"),
+           ("train", "nonfinite"): ("stop", "skip"),
+           ("train", "mixed_precision"): ("no", "bf16", "fp16")}
+
+
+# (section, key) -> (lowest allowed, highest allowed, whether the bounds are inclusive); None = unbounded
+RANGES = {("train", "steps_per_task"): (1, None), ("train", "epochs_per_task"): (0, None, False), ("train", "batch_size"): (1, None), ("train", "grad_accum"): (1, None),
+          ("train", "lr"): (0, None, False), ("train", "weight_decay"): (0, None), ("train", "warmup_ratio"): (0, 1),
+          ("train", "grad_clip"): (0, None), ("train", "eval_batch_size"): (1, None), ("train", "log_every"): (1, None),
+          ("train", "progress_seconds"): (0, None, False), ("train", "step_checkpoint_every"): (0, None),
+          ("data", "builtin_n_train"): (1, None), ("data", "builtin_n_test"): (1, None), ("data", "builtin_seed"): (0, None),
+          ("data", "max_train_per_task"): (1, None), ("data", "max_test_per_task"): (1, None),
+          ("backbone", "base_steps"): (0, None), ("backbone", "base_batch_size"): (1, None),
+          ("backbone", "base_lr"): (0, None, False), ("backbone", "max_new_tokens"): (1, None),
+          ("backbone", "image_size"): (16, None), ("backbone", "max_length"): (8, None), ("backbone", "base_seed"): (0, None)}
+
+
+def _out_of_range(value, bounds) -> bool:
+    lo, hi, inclusive = (*bounds, True) if len(bounds) == 2 else bounds
+    if value is None:
+        return False
+    if lo is not None and (value < lo if inclusive else value <= lo):
+        return True
+    return hi is not None and value > hi
+
+
+def check_choices(cfg, where: str, origins: dict[str, str] | None = None) -> None:
+    """Settings that take one of a few names or lie in a range, and the method's own checks: anything else is
+    bad input naming the setting and what it accepts (before anything is built or written). ``origins`` maps a
+    setting ("train.lr") to the layer that set it (a --config file, "command line"), named instead of ``where``."""
+    origins = origins or {}
+
+    def at(name: str) -> str:
+        return origins.get(name, where)
+
+    problems = []
+    for (section, key), valid in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in valid:
+            problems.append(f"{at(f'{section}.{key}')}: {section}.{key}: '{value}' is not one of {', '.join(valid)}")
+    workers = cfg.train.loader_workers
+    if not (workers == "auto" or (isinstance(workers, int) and workers >= 0)):
+        problems.append(f"{at('train.loader_workers')}: train.loader_workers: {workers!r} must be auto or a count >= 0")
+    for (section, key), bounds in RANGES.items():
+        value = getattr(getattr(cfg, section), key)
+        if _out_of_range(value, bounds):
+            lo, hi = bounds[0], bounds[1]
+            strict = len(bounds) == 3 and not bounds[2]
+            want = (f"> {lo}" if strict else f">= {lo}") if hi is None else f"in [{lo}, {hi}]"
+            problems.append(f"{at(f'{section}.{key}')}: {section}.{key}: {value!r} must be {want}")
+    from cramcl.engine.budget import budget_problems
+    from cramcl.methods.registry import method_config_class
+
+    problems += [f"{where}: {p}" for p in budget_problems(cfg.train)]
+    method_cfg = method_config_class(cfg.method)(**cfg.method_args)
+    # every class of the method's config checks its own fields (a subclass's problems() need not call super)
+    found: list[str] = []
+    for klass in type(method_cfg).__mro__:
+        if "problems" in vars(klass):
+            found += [p for p in klass.problems(method_cfg) if p not in found]
+    problems += [f"{at('method.' + p.split(':')[0])}: method.{p}" for p in found]
+    if problems:
+        raise BadInputError(problems)
