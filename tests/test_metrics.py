@@ -1,13 +1,14 @@
 """Continual metrics on hand-computed matrices (the arithmetic is in the comments)."""
 import json
 import math
+from statistics import mean
 
 import numpy as np
 import pytest
 
 from cramcl.errors import BadInputError
-from cramcl.eval.metrics import (bwt, continual_metrics, forgetting, json_safe, last_evaluated_row, maa,
-                                 mfn, mft)
+from cramcl.eval.metrics import (bwt, continual_metrics, forgetting, gap_to_reference, json_safe,
+                                 last_evaluated_row, maa, mfn, mft)
 
 N = None
 
@@ -95,3 +96,24 @@ def test_json_safe():
     assert type(json_safe(np.float64(2.5))) is float
     text = json.dumps(json_safe(continual_metrics([[50.0]])), allow_nan=False)
     assert json.loads(text)["BWT"] is None
+
+
+def test_gap_to_reference_splits_into_plasticity_and_forgetting():
+    A = [[80, None, None],
+         [70, 60, None],
+         [50, 55, 90]]
+    ref = [90, 70, 95]
+    g = gap_to_reference(A, ref)
+    # plasticity: (90-80, 70-60, 95-90) -> 25/3; forgetting: (80-50, 60-55, 90-90) -> 35/3
+    assert g["plasticity"] == pytest.approx(25 / 3)
+    assert g["forgetting"] == pytest.approx(35 / 3)
+    assert g["gap"] == pytest.approx(mean(ref) - mean(A[-1]))  # exact when every cell exists
+
+
+def test_gap_to_reference_skips_missing_cells_and_partial_streams():
+    A = [[80, None, None],
+         [70, None, None],  # task 1 not evaluated after learning it
+         [None, None, None]]  # the stream stopped after task 1
+    g = gap_to_reference(A, [90, float("nan"), 95])
+    assert g == {"gap": pytest.approx(20.0), "plasticity": pytest.approx(10.0), "forgetting": pytest.approx(10.0)}
+    assert math.isnan(gap_to_reference([[None]], [50])["gap"])

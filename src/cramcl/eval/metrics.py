@@ -130,6 +130,28 @@ def continual_metrics(scores: Matrix) -> dict[str, float]:
             "BWT": bwt(scores), "forgetting": forgetting(scores)}
 
 
+def gap_to_reference(scores: Matrix, reference: Sequence[float | None]) -> dict[str, float]:
+    """Split a method's shortfall against a reference final row (e.g. ``mtl``'s) into the part the method
+    never learned and the part it learned and lost.
+
+    Per task i on the last evaluated row L: ``plasticity_i = ref_i - A[i][i]`` (short of the reference
+    right after training on i), ``forgetting_i = A[i][i] - A[L][i]`` (lost since), so
+    ``ref_i - A[L][i] = plasticity_i + forgetting_i`` exactly. Means run over the tasks where all three cells
+    exist; ``{"gap", "plasticity", "forgetting"}`` (gap = plasticity + forgetting; NaN with no such task).
+    reference: (T,) scores, None / NaN where missing."""
+    last = last_evaluated_row(scores)
+    terms = []
+    for i in range(len(reference)):
+        ref = reference[i]
+        if last is None or i > last or ref is None or math.isnan(float(ref)):
+            continue
+        learned, final = _cell(scores, i, i), _cell(scores, last, i)
+        if learned is not None and final is not None:
+            terms.append((float(ref) - learned, learned - final))
+    plasticity, forget = _mean([p for p, _ in terms]), _mean([f for _, f in terms])
+    return {"gap": plasticity + forget, "plasticity": plasticity, "forgetting": forget}
+
+
 def json_safe(obj: Any) -> Any:
     """A copy of ``obj`` (nested dicts / lists / tuples) with NaN and infinities replaced by None, since
     JSON has no NaN.

@@ -137,6 +137,11 @@ class Method:
         has no such expert (it mixes shared experts, or the task has not trained)."""
         return None
 
+    def expert_created_for(self, task_index: int) -> int | None:
+        """The expert added for this task, whose routing weight on the task's own inputs shows whether the
+        router finds it (eval/routing_probe.py); by default the one that serves it alone."""
+        return self.expert_for_task(task_index)
+
     def stream_analysis(self, tasks) -> dict:
         """Method-specific numbers about the stream so far (e.g. CRAM's group accuracy); JSON-able."""
         return {}

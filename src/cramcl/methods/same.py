@@ -340,6 +340,12 @@ class Same(Method):
         trainable = sum(p.numel() for p in self.trainable_parameters())
         return {"trainable": trainable, "stored": sum(per_expert) + routers, "active_per_sample": active + routers}
 
+    def expert_created_for(self, task_index: int) -> int | None:
+        """Expert k is added for task k (it is not exported alone: inference mixes the top-2, and old
+        experts keep training unless adaptive activation freezes them)."""
+        K = max((layer.num_experts for layer in self.layers.values()), default=0)
+        return task_index if task_index < K else None
+
     def report_sections(self) -> list[tuple[str, str]]:
         if not self.task_log:
             return []

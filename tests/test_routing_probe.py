@@ -1,0 +1,92 @@
+"""The routing probe (eval/routing_probe.py): which units count, what a hit is, and that only the prompt's
+routing call per linear is read."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cramcl.adapters.multi_lora import RoutingContext
+from cramcl.eval.routing_probe import own_expert_hits, own_expert_share
+
+
+def test_hits_per_sample_and_per_token():
+    w = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5], [0.0, 0.0]])  # hit, miss, tie, unrouted
+    assert own_expert_hits(w, 0) == (1, 3)
+    tokens = torch.tensor([[[0.9, 0.1], [0.1, 0.9], [0.6, 0.4]]])  # (1, 3, 2); the last token is padding
+    assert own_expert_hits(tokens, 0, torch.tensor([[True, True, False]])) == (1, 2)
+    assert own_expert_hits(tokens, 1) == (1, 3)
+    assert own_expert_hits(torch.tensor([[1.0]]), 0) == (1, 1)  # a single expert always wins
+
+
+class _Layer:
+    def __init__(self, key):
+        self.key = key
+
+
+class _Backbone:
+    """Two linears; generate() routes the prompt, then two decoding steps whose weights must be ignored."""
+
+    def __init__(self, ctx):
+        self.ctx, self.model, self.layers = ctx, torch.nn.Linear(1, 1), [_Layer("l0"), _Layer("l1")]
+
+    def prepare(self, records, desc=""):
+        pass
+
+    def collate(self, records, train):
+        return {"records": records, "x": torch.tensor([r.own for r in records])}
+
+    def generate(self, model, batch):
+        for step in range(3):
+            for layer in self.layers:
+                self.ctx.route(layer, (batch["x"], step))
+        return [""] * len(batch["records"])
+
+
+class _Method:
+    """Routes each record to the expert its ``own`` field names at the prompt, and to expert 0 afterwards."""
+    uses_task_id_at_eval = False
+
+    def __init__(self, wrong_on=()):
+        self.context = RoutingContext()
+        self.context.route = self.route
+        self.wrong_on = set(wrong_on)
+        self.prepared = 0
+
+    def route(self, layer, inputs):
+        own, step = inputs
+        w = torch.zeros(len(own), 3)
+        target = own if step == 0 else torch.zeros_like(own)
+        if layer.key in self.wrong_on:
+            target = (target + 1) % 3
+        w[torch.arange(len(own)), target] = 1.0
+        return w
+
+    def expert_created_for(self, i):
+        return i if i < 3 else None
+
+    def prepare_batch(self, batch, train):
+        assert not train
+        self.prepared += 1
+
+
+def _task(name, n, own):
+    return SimpleNamespace(name=name, test=[SimpleNamespace(own=own) for _ in range(n)])
+
+
+def test_share_reads_the_prompt_call_of_each_linear_and_restores_the_route():
+    method = _Method(wrong_on={"l1"})
+    backbone = _Backbone(method.context)
+    tasks = [_task("a", 5, 0), _task("b", 3, 1), _task("c", 4, 0), _task("d", 2, 2)]  # c's own is 2; d has none
+    out = own_expert_share(backbone, method, tasks, batch_size=2)
+    assert out["a"] == {"share": 50.0, "min_linear": 0.0, "max_linear": 100.0, "units": 10}
+    assert out["b"]["share"] == 50.0
+    assert out["c"]["share"] == 0.0  # routed to expert 0, its own is expert 2
+    assert "d" not in out
+    assert method.context.route == method.route  # restored
+    assert method.prepared == 3 + 2 + 2  # one prepare per batch of 2
+
+
+def test_oracle_methods_are_not_probed():
+    method = _Method()
+    method.uses_task_id_at_eval = True
+    assert own_expert_share(_Backbone(method.context), method, [_task("a", 2, 0)]) == {}
