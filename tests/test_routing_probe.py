@@ -9,13 +9,19 @@ from cramcl.adapters.multi_lora import RoutingContext
 from cramcl.eval.routing_probe import own_expert_hits, own_expert_share
 
 
+def _hits(weights, own, valid=None):
+    h, n = own_expert_hits(weights, torch.full((weights.shape[0],), own), valid)
+    return int(h.sum()), int(n.sum())
+
+
 def test_hits_per_sample_and_per_token():
     w = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5], [0.0, 0.0]])  # hit, miss, tie, unrouted
-    assert own_expert_hits(w, 0) == (1, 3)
+    assert _hits(w, 0) == (1, 3)
+    assert own_expert_hits(w, torch.tensor([0, 1, 1, 0]))[0].tolist() == [1, 1, 0, 0]  # per-sample own
     tokens = torch.tensor([[[0.9, 0.1], [0.1, 0.9], [0.6, 0.4]]])  # (1, 3, 2); the last token is padding
-    assert own_expert_hits(tokens, 0, torch.tensor([[True, True, False]])) == (1, 2)
-    assert own_expert_hits(tokens, 1) == (1, 3)
-    assert own_expert_hits(torch.tensor([[1.0]]), 0) == (1, 1)  # a single expert always wins
+    assert _hits(tokens, 0, torch.tensor([[True, True, False]])) == (1, 2)
+    assert _hits(tokens, 1) == (1, 3)
+    assert _hits(torch.tensor([[1.0]]), 0) == (1, 1)  # a single expert always wins
 
 
 class _Layer:
@@ -50,7 +56,7 @@ class _Method:
         self.context = RoutingContext()
         self.context.route = self.route
         self.wrong_on = set(wrong_on)
-        self.prepared = 0
+        self.prepared, self.batches = 0, []
 
     def route(self, layer, inputs):
         own, step = inputs
@@ -67,13 +73,15 @@ class _Method:
     def prepare_batch(self, batch, train):
         assert not train
         self.prepared += 1
+        self.batches.append({r.task for r in batch["records"]})
 
 
 def _task(name, n, own):
-    return SimpleNamespace(name=name, test=[SimpleNamespace(own=own) for _ in range(n)])
+    return SimpleNamespace(name=name, test=[SimpleNamespace(own=own, task=name) for _ in range(n)])
 
 
 def test_share_reads_the_prompt_call_of_each_linear_and_restores_the_route():
+    """Batches mix the tasks; each sample is scored against its own task's expert."""
     method = _Method(wrong_on={"l1"})
     backbone = _Backbone(method.context)
     tasks = [_task("a", 5, 0), _task("b", 3, 1), _task("c", 4, 0), _task("d", 2, 2)]  # c's own is 2; d has none
@@ -83,7 +91,8 @@ def test_share_reads_the_prompt_call_of_each_linear_and_restores_the_route():
     assert out["c"]["share"] == 0.0  # routed to expert 0, its own is expert 2
     assert "d" not in out
     assert method.context.route == method.route  # restored
-    assert method.prepared == 3 + 2 + 2  # one prepare per batch of 2
+    assert method.prepared == 6  # the 12 records of a, b, c in batches of 2
+    assert sum(len(tasks) > 1 for tasks in method.batches) >= 3  # that mix tasks (in stream order: 1 of 6)
 
 
 def test_oracle_methods_are_not_probed():

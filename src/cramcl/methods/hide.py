@@ -13,8 +13,10 @@ anchors are stored: the mean image embedding and the mean text embedding of its 
 Evaluation (no task id):
 * lower layers (every adapted layer but the top ``top_layers``, default 1): one merged expert. ``fusion``:
   ``factors`` (default, the authors'): ``y = W0 x + s (sum_i B_i)(sum_i A_i) x``, cross terms B_i A_j
-  included; ``products`` (Prism's port): ``y = W0 x + s sum_i B_i A_i x``. On the same trained experts the
-  two differ a lot (issue 8 measured MFN 40.2 for factors against 18.5 for products), so the variant is named.
+  included; ``products`` (Prism's port): ``y = W0 x + s sum_i B_i A_i x``. The two differ a lot, so the
+  variant is named: on the built-in stream (three seeds, docs/RESULTS.md) MFN 17.7 +- 10.1 for factors
+  against 34.5 +- 3.6 for products; factors' cross terms are 0.8x the intended update after two tasks, 2x
+  after nine (bench/peer_diagnostics.py).
 * top layer: the experts mixed per sample by similarity to the anchors,
   ``w = softmax_k(scale * (image_weight cos(q, a^img_k) + text_weight cos(t, a^txt_k)))``. ``anchor_mixing``:
   ``authors`` (default): the mean of the two cosines with softmax(sim / 0.1), i.e. weights 0.5 / 0.5, scale
