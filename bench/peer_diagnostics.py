@@ -11,9 +11,11 @@ For every variant directory with finished seeds (the layout of `bench/run_grid.p
   (samples or prompt tokens, every adapted linear) whose largest weight is on the task's own expert, on the
   final checkpoint, without task id, batches mixing tasks as evaluation does (eval/routing_probe.py);
 * **own expert alone** (``--isolate V1,V2``: methods that add one expert per task and mix several at test
-  time, e.g. O-LoRA, SAME): the final row's mean when every task's test records are answered with the task's
-  own expert alone (weight 1, every other expert 0; the true task id, so a diagnosis, not a method): how much
-  of the final row the other experts' presence costs (both cached under ROOT/diagnostics/);
+  time, e.g. SAME): the final row's mean when every task's test records are answered with the task's own
+  expert alone (weight 1, every other expert 0; the true task id, so a diagnosis, not a method); and
+  **without later experts** (``--prefix V1,V2``, for O-LoRA, whose task t trains with experts 0..t-1 in its
+  forward at weight 1): experts 0..t at weight 1, every later one 0, i.e. the forward task t was trained in.
+  The difference to the final row is what the other (or later) experts cost (cached under ROOT/diagnostics/);
 * **penalty share** (runs with an ``orth`` aux loss: O-LoRA, CRAM): the penalty over the LM loss at the first
   logged step (step 10) of each task after the first, and the mean over the task's logged steps;
 * **replay share** (``replay``): the buffered records' share of each later task's training records;
@@ -73,8 +75,9 @@ def _probe(run: Path, cache: Path) -> dict:
     return result
 
 
-def _isolated_mfn(run: Path, cache: Path) -> float:
-    """Final-row mean with each task answered by its own expert alone (cached in ``cache``)."""
+def _isolated_mfn(run: Path, cache: Path, prefix: bool = False) -> float:
+    """Final-row mean with each task answered by its own expert alone, or (``prefix``) by its own and every
+    earlier expert at weight 1 (cached in ``cache``)."""
     if cache.exists():
         return json.loads(cache.read_text())["isolated_mfn"]
     import torch
@@ -91,7 +94,7 @@ def _isolated_mfn(run: Path, cache: Path) -> float:
 
         def alone(layer, x, own=own):
             w = torch.zeros(x.shape[0], layer.num_experts, device=x.device)
-            w[:, own] = 1.0
+            w[:, slice(0, own + 1) if prefix else own] = 1.0
             return w
 
         def prepare_alone(batch, train, alone=alone):
@@ -181,6 +184,7 @@ def main() -> int:
     ap.add_argument("--reference", default="mtl")
     ap.add_argument("--probe", default="", help="variants whose own-expert share to measure")
     ap.add_argument("--isolate", default="", help="variants to evaluate with each task's own expert alone")
+    ap.add_argument("--prefix", default="", help="variants to evaluate without each task's later experts")
     args = ap.parse_args()
     grid = _finished(args.root)
     if args.reference not in grid:
@@ -189,7 +193,7 @@ def main() -> int:
     ref_rows = [_scores(r)[-1] for r in grid[args.reference]]
     reference = [statistics.mean(col) for col in zip(*ref_rows)]
     print("| variant | seeds | gap to " + args.reference + " | plasticity | forgetting | own-expert share % "
-          "(lowest task) | MFN, own expert alone | penalty / LM loss (step 10; task mean) | replayed share of training | fusion cross terms "
+          "(lowest task) | MFN, own expert alone (or 0..t) | penalty / LM loss (step 10; task mean) | replayed share of training | fusion cross terms "
           "(after task 1; last); own term / sum |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, runs in grid.items():
@@ -206,9 +210,10 @@ def main() -> int:
                              key=lambda kv: kv[1])
                 share = f"{pm(mean_std(means))} ({lowest[0]} {lowest[1]:.1f})"
         iso = "–"
-        if name in args.isolate.split(","):
-            iso = pm(mean_std([_isolated_mfn(r, args.root / "diagnostics" / name / f"{r.name}.isolated.json")
-                               for r in runs]))
+        for flag, suffix, prefix in ((args.isolate, "isolated", False), (args.prefix, "prefix", True)):
+            if name in flag.split(","):
+                iso = pm(mean_std([_isolated_mfn(r, args.root / "diagnostics" / name / f"{r.name}.{suffix}.json",
+                                                 prefix) for r in runs])) + ("" if not prefix else " (0..t)")
         pen = [p for p in (_penalty_shares(r) for r in runs) if p]
         pen_cell = (f"{statistics.mean(p[0] for p in pen):.3g}; {statistics.mean(p[1] for p in pen):.3g}"
                     if pen else "–")
