@@ -22,14 +22,14 @@ ORDER = ("shape", "digits", "corner", "mc-shape", "caption", "colour", "ocr", "d
 N = 200
 
 
-def main() -> None:
+def main(order=ORDER) -> None:
     cfg = CramConfig(**resolve_config(method="cram", profile="default").method_args)
     groups = InstructionGroups(cfg.join_threshold, cfg.theta, cfg.max_groups)
     encoder = TextEncoder("minilm")
     tasks = {t.name: (i, t) for i, t in enumerate(TASK_INFO)}
     tasks.update({t.name: (len(TASK_INFO) + i, t) for i, t in enumerate(MC_TASKS)})
     group_of, tests = {}, {}
-    for name in ORDER:
+    for name in order:
         index, task = tasks[name]
         train = [s.question for s in task.make("train", N, (0, index), 64, set())]
         tests[name] = [s.question for s in task.make("test", N, (0, index), 64, set())]
@@ -46,12 +46,27 @@ def main() -> None:
     protos = groups.prototypes
     pn = protos / protos.norm(dim=-1, keepdim=True)
     print("prototype cosines:\n", (pn @ pn.T).numpy().round(2))
-    for name in ORDER:
+    for name in order:
         assigned = groups.assign(encoder.encode(tests[name]))
         share = float((assigned == group_of[name]).float().mean()) * 100
         print(f"{name:13s} test records in own group: {share:.1f}%  groups seen {sorted(set(assigned.tolist()))}")
 
 
 if __name__ == "__main__":
+    import argparse
+
+    from cramcl.data.builtin import choice
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stem", default=choice.STEM)
+    ap.add_argument("--tail", default=choice.TAIL)
+    ap.add_argument("--digit-first", action="store_true", help="swap mc-shape and mc-digit in the order")
+    args = ap.parse_args()
+    choice.STEM, choice.TAIL = args.stem, args.tail
+    order = ORDER
+    if args.digit_first:
+        swap = {"mc-shape": "mc-digit", "mc-digit": "mc-shape"}
+        order = tuple(swap.get(n, n) for n in ORDER)
     torch.set_num_threads(1)
-    main()
+    print(f"stem {choice.STEM!r}, tail {choice.TAIL!r}")
+    main(order)
