@@ -1,0 +1,136 @@
+"""The multiple-choice letter format (a study, not part of the default stream): options shuffled per record.
+
+Both tasks ask the same stem; the options after it differ per record, and the answer is the letter:
+
+    "Which option matches the picture? Options: A triangle B circle C square Answer with the letter." -> "A"
+
+Options are written ``LETTER word`` with the letter as its own whitespace word, identical to the
+answer token (the tiny tokenizer keeps "A." and "A" apart, and "square." apart from "square"), so a
+model that finds the matching option can copy the letter before it.
+
+* ``mc-shape``: one palette shape (circle / square / triangle) anywhere on a pale tinted canvas; the three
+  shapes are the options, shuffled.
+* ``mc-digit``: a handwritten scikit-learn digit (the digits' test / train pools); the true digit and three
+  other digits are the options, shuffled.
+
+:func:`instruction_samples` turns base-corpus captions into generic instruction-following records
+(multiple choice over captions and over colours, yes/no, left/right and top/bottom) on the same held-apart
+images, for a base stage that knows how to read options before the stream starts.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cramcl.data.builtin import digits
+from cramcl.data.builtin._common import PALETTE, Sample, draw_shape, split_rng, unique_samples
+from cramcl.data.builtin.scenes import SHAPES
+
+LETTERS = ("A", "B", "C", "D", "E")
+STEM = "Which option matches the picture?"
+TAIL = "Answer with the letter."
+_COLOUR_NAMES = tuple(PALETTE)
+
+
+def options_question(stem: str, options: list[str]) -> str:
+    """``stem Options: A x B y ... Answer with the letter.``"""
+    listed = " ".join(f"{LETTERS[i]} {o}" for i, o in enumerate(options))
+    return f"{stem} Options: {listed} {TAIL}"
+
+
+def shuffled_options(rng: np.random.Generator, correct: str, others: list[str], k: int) -> tuple[list[str], str]:
+    """(options, letter): ``correct`` and ``k - 1`` distinct items of ``others`` (not equal to it) in a
+    random order; the letter names where ``correct`` landed."""
+    pool = [o for o in dict.fromkeys(others) if o != correct]
+    picked = [pool[int(i)] for i in rng.permutation(len(pool))[: k - 1]]
+    options = [correct, *picked]
+    order = rng.permutation(len(options))
+    options = [options[int(i)] for i in order]
+    return options, LETTERS[options.index(correct)]
+
+
+def _tint(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(215, 256, size=3))
+
+
+def _shape_on_tint(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str, str]:
+    s = float(image_size)
+    size = s * float(rng.uniform(0.3, 0.5))
+    h = size / 2
+    cx, cy = (float(v) for v in rng.uniform(h + 1, s - h - 1, size=2))
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    colour = _COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]
+    im = Image.new("RGB", (image_size, image_size), _tint(rng))
+    draw_shape(ImageDraw.Draw(im), shape, cx, cy, size, PALETTE[colour])
+    return im, shape, colour
+
+
+def _mc_shape(rng: np.random.Generator, image_size: int) -> Sample:
+    im, shape, colour = _shape_on_tint(rng, image_size)
+    options, letter = shuffled_options(rng, shape, list(SHAPES), len(SHAPES))
+    return Sample(options_question(STEM, options), letter, f"a {colour} {shape}", image=im)
+
+
+def make_mc_shape(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                  exclude: set[str]) -> list[Sample]:
+    """A shape on a tinted canvas; options: the three shapes, shuffled; answer: the letter."""
+    return unique_samples(lambda rng: _mc_shape(rng, image_size), n, split_rng(task_seed, split), exclude)
+
+
+def make_mc_digit(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                  exclude: set[str]) -> list[Sample]:
+    """A handwritten digit; options: it and three other digits, shuffled; answer: the letter."""
+    rng = split_rng(task_seed, split)
+    out = []
+    for s in digits.make_digits(split, n, task_seed, image_size, exclude):
+        options, letter = shuffled_options(rng, s.answer, [str(d) for d in range(10)], 4)
+        out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
+    return out
+
+
+# ---------------------------------------------------------------- the base stage's instruction records
+CAPTION_STEM = "Which caption fits the image?"
+COLOUR_STEM = "What colour is it?"
+_COLOUR_WORDS = tuple(dict.fromkeys(_COLOUR_NAMES + ("gray", "teal", "brown")))
+_COLOUR_RE = re.compile(r"\b(" + "|".join(_COLOUR_WORDS) + r")\b")
+_CORNER_RE = re.compile(r"\b(top|bottom)-(left|right) corner\b")
+
+
+def instruction_samples(samples: list[Sample], seed: int) -> list[Sample]:
+    """Generic instruction records over captioned base-corpus samples (their images reused):
+
+    * every sample: a 3-option multiple choice over captions (distractors: other samples' captions) and a
+      yes/no question "Is this <caption>?" (the true caption or another one, half each);
+    * a caption naming a colour: a 4-option multiple choice over colour words;
+    * a caption naming a corner: "left or right?" and "top or bottom?" (one-word answers).
+
+    Stems, option wording and answer spaces differ from the stream's own questions.
+    """
+    rng = np.random.default_rng([seed, 7331])
+    captions = sorted({s.caption for s in samples})
+    out: list[Sample] = []
+
+    def add(s: Sample, question: str, answer: str) -> None:
+        out.append(Sample(question, answer, s.caption, image=s.image, source=s.source, key=s.key))
+
+    for s in samples:
+        options, letter = shuffled_options(rng, s.caption, captions, 3)
+        add(s, options_question(CAPTION_STEM, options), letter)
+        if rng.random() < 0.5:
+            add(s, f"Is this {s.caption} ? Answer yes or no.", "yes")
+        else:
+            other = captions[int(rng.integers(len(captions)))]
+            add(s, f"Is this {other} ? Answer yes or no.", "yes" if other == s.caption else "no")
+        colour = _COLOUR_RE.search(s.caption)
+        if colour:
+            options, letter = shuffled_options(rng, colour.group(1), list(_COLOUR_WORDS), 4)
+            add(s, options_question(COLOUR_STEM, options), letter)
+        corner = _CORNER_RE.search(s.caption)
+        if corner:
+            if rng.random() < 0.5:
+                add(s, "Is the object on the left or on the right?", corner.group(2))
+            else:
+                add(s, "Is the object at the top or at the bottom?", corner.group(1))
+    return out

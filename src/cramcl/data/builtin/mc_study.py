@@ -1,0 +1,85 @@
+"""A small study benchmark for the multiple-choice letter format (not the default stream).
+
+``generate_mc_study(out_dir, instruct=...)`` writes a benchmark of four tasks in training order
+``shape, mc-shape, corner, mc-digit`` (shape and corner exactly as in the built-in stream, same seeds)
+and a ``pretrain.jsonl`` holding the built-in stream's caption corpus plus captions of the mc-shape
+domain; with ``instruct=True`` it also holds generic instruction-following records on the same held-apart
+images (:func:`cramcl.data.builtin.choice.instruction_samples`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cramcl.data.builtin import PRETRAIN_QUESTION, TASK_INFO, BuiltinTask, _save_images, _write_task, choice, easyvqa
+from cramcl.data.builtin._common import Sample, pixel_hash
+
+MC_TASKS = (
+    BuiltinTask("mc-shape", "choice", "exact", "tinted-shapes", choice.make_mc_shape, 0.1),
+    BuiltinTask("mc-digit", "choice", "exact", "digits", choice.make_mc_digit, 0.0),
+)
+_BY_NAME = {t.name: (i, t) for i, t in enumerate(TASK_INFO)}
+_BY_NAME.update({t.name: (len(TASK_INFO) + i, t) for i, t in enumerate(MC_TASKS)})
+ORDER = ("shape", "mc-shape", "corner", "mc-digit")
+
+
+def _pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str, set[str]]) -> list[Sample]:
+    samples: list[Sample] = []
+    sharing = [(i, t) for i, t in enumerate(TASK_INFO) if t.pretrain_share > 0]
+    for k, (index, task) in enumerate(sharing):
+        want = n - len(samples) if k == len(sharing) - 1 else round(n * task.pretrain_share)
+        if task.domain == "easy-vqa":
+            samples += easyvqa.make_pretrain(want, (seed, index))
+        else:
+            samples += task.make("pretrain", want, (seed, index), image_size, test_hashes.get(task.name, set()))
+    index, mc = _BY_NAME["mc-shape"]
+    samples += mc.make("pretrain", round(n * mc.pretrain_share), (seed, index), image_size, test_hashes["mc-shape"])
+    return samples
+
+
+def generate_mc_study(out_dir: str | Path, *, instruct: bool, seed: int = 0, n_train: int = 500,
+                      n_test: int = 200, image_size: int = 64, n_pretrain: int | None = None,
+                      tasks: tuple[str, ...] = ORDER) -> Path:
+    """Write the study benchmark into ``out_dir`` (replaced if present); return its YAML path."""
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    n_pretrain = n_pretrain or max(50, round(n_train * 1500 / 800))
+    test_hashes: dict[str, set[str]] = {}
+    for name in tasks:
+        index, task = _BY_NAME[name]
+        test = task.make("test", n_test, (seed, index), image_size, set())
+        test_hashes[name] = {pixel_hash(s.image) for s in test if s.image is not None}
+        train = task.make("train", n_train, (seed, index), image_size, test_hashes[name])
+        _write_task(out, task, "test", test)
+        _write_task(out, task, "train", train)
+    samples = _pretrain_samples(seed, n_pretrain, image_size, test_hashes)
+    records = [(PRETRAIN_QUESTION, s.caption, s) for s in samples]
+    if instruct:
+        records += [(s.question, s.answer, s) for s in choice.instruction_samples(samples, seed)]
+    order = np.random.default_rng([seed, 4242]).permutation(len(records))
+    records = [records[i] for i in order]
+    rels = _save_images(out / "images", "pretrain", "img", [s for _, _, s in records])
+    lines = [json.dumps({"id": f"pretrain-{i:05d}", "image": rel, "question": q, "answer": a})
+             for i, (rel, (q, a, _)) in enumerate(zip(rels, records))]
+    (out / "pretrain.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    yaml = [f"# cramcl multiple-choice study (instruct={instruct}, seed={seed}, n_train={n_train}, "
+            f"n_test={n_test}, n_pretrain={n_pretrain})",
+            "name: cramcl-mc-study", "image_root: images", "pretrain: pretrain.jsonl", "tasks:"]
+    for name in tasks:
+        task = _BY_NAME[name][1]
+        yaml += [f"  - name: {name}", f"    train: {name}/train.json", f"    test: {name}/test.jsonl",
+                 f"    scorer: {task.scorer}"]
+    (out / "benchmark.yaml").write_text("\n".join(yaml) + "\n", encoding="utf-8")
+    return out / "benchmark.yaml"
+
+
+if __name__ == "__main__":
+    import sys
+
+    for flag, path in (("0", sys.argv[1]), ("1", sys.argv[2])):
+        print(generate_mc_study(path, instruct=flag == "1"))

@@ -1,0 +1,45 @@
+"""The multiple-choice study tasks: options shuffled per record, the letter names the right one."""
+from __future__ import annotations
+
+import re
+
+from cramcl.data.builtin import choice, scenes
+
+_OPTION = re.compile(r"\b([A-E]) (\S+)")
+
+
+def _options(question: str) -> dict[str, str]:
+    listed = question.split(" Options: ", 1)[1].rsplit(" " + choice.TAIL, 1)[0]
+    return dict(_OPTION.findall(listed))
+
+
+def test_mc_shape_letters_name_the_drawn_shape_and_vary():
+    samples = choice.make_mc_shape("test", 60, (0, 9), 64, set())
+    orders = set()
+    for s in samples:
+        opts = _options(s.question)
+        assert sorted(opts.values()) == sorted(scenes.SHAPES)
+        assert opts[s.answer] == s.caption.split()[-1]  # caption "a red circle"
+        orders.add(tuple(opts.values()))
+    assert len(orders) == 6  # every permutation of the three shapes occurs
+    assert {s.answer for s in samples} == {"A", "B", "C"}
+
+
+def test_mc_digit_has_four_distinct_digits_and_the_true_one():
+    samples = choice.make_mc_digit("test", 80, (0, 10), 64, set())
+    for s in samples:
+        opts = _options(s.question)
+        assert len(opts) == 4 and len(set(opts.values())) == 4
+        assert opts[s.answer] == s.caption.split()[-1]  # caption "a handwritten 7"
+    assert {s.answer for s in samples} == {"A", "B", "C", "D"}
+
+
+def test_instruction_samples_reuse_images_and_answer_correctly():
+    base = choice.make_mc_shape("pretrain", 20, (0, 9), 64, set())
+    out = choice.instruction_samples(base, seed=0)
+    assert all(s.image is not None for s in out)
+    mc = [s for s in out if s.question.startswith(choice.CAPTION_STEM)]
+    assert len(mc) == 20
+    for s in mc:
+        listed = s.question.split(" Options: ", 1)[1]
+        assert f"{s.answer} {s.caption}" in listed
