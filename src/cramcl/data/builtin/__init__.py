@@ -123,9 +123,9 @@ def _write_task(root: Path, task: BuiltinTask, split: str, samples: list[Sample]
         (root / task.name / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _write_pretrain(root: Path, seed: int, n: int, image_size: int,
-                    test_hashes: dict[str, set[str]]) -> None:
-    """Generic captions ("a red circle", "a printed number", "some dots", ...) over non-test images."""
+def pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str, set[str]]) -> list[Sample]:
+    """The base corpus's n captioned samples, domain by domain (``pretrain_share``), never a test image
+    (``test_hashes``: task name -> pixel hashes of its test images; a task not listed excludes none)."""
     samples: list[Sample] = []
     sharing = [(i, t) for i, t in enumerate(TASK_INFO) if t.pretrain_share > 0]
     for k, (index, task) in enumerate(sharing):
@@ -134,7 +134,14 @@ def _write_pretrain(root: Path, seed: int, n: int, image_size: int,
         if task.domain == "easy-vqa":
             samples += easyvqa.make_pretrain(want, (seed, index))
         else:
-            samples += task.make("pretrain", want, (seed, index), image_size, test_hashes[task.name])
+            samples += task.make("pretrain", want, (seed, index), image_size, test_hashes.get(task.name, set()))
+    return samples
+
+
+def _write_pretrain(root: Path, seed: int, n: int, image_size: int,
+                    test_hashes: dict[str, set[str]]) -> None:
+    """Generic captions ("a red circle", "a printed number", "some dots", ...) over non-test images."""
+    samples = pretrain_samples(seed, n, image_size, test_hashes)
     # Mix the domains so a base stage reading in order sees all of them in every batch.
     order = np.random.default_rng([seed, len(TASK_INFO)]).permutation(len(samples))
     samples = [samples[i] for i in order]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cramcl.data.builtin import PRETRAIN_QUESTION, TASK_INFO, BuiltinTask, _save_images, _write_task, choice, easyvqa
+from cramcl.data.builtin import (PRETRAIN_QUESTION, TASK_INFO, BuiltinTask, _save_images, _write_task, choice,
+                                 pretrain_samples)
 from cramcl.data.builtin._common import Sample, pixel_hash
 
 MC_TASKS = (
@@ -27,17 +28,10 @@ ORDER = ("shape", "mc-shape", "corner", "mc-digit")
 
 
 def _pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str, set[str]]) -> list[Sample]:
-    samples: list[Sample] = []
-    sharing = [(i, t) for i, t in enumerate(TASK_INFO) if t.pretrain_share > 0]
-    for k, (index, task) in enumerate(sharing):
-        want = n - len(samples) if k == len(sharing) - 1 else round(n * task.pretrain_share)
-        if task.domain == "easy-vqa":
-            samples += easyvqa.make_pretrain(want, (seed, index))
-        else:
-            samples += task.make("pretrain", want, (seed, index), image_size, test_hashes.get(task.name, set()))
+    """The built-in stream's caption corpus plus captions of the mc-shape domain."""
     index, mc = _BY_NAME["mc-shape"]
-    samples += mc.make("pretrain", round(n * mc.pretrain_share), (seed, index), image_size, test_hashes["mc-shape"])
-    return samples
+    return pretrain_samples(seed, n, image_size, test_hashes) + mc.make(
+        "pretrain", round(n * mc.pretrain_share), (seed, index), image_size, test_hashes["mc-shape"])
 
 
 def generate_mc_study(out_dir: str | Path, *, instruct: bool, seed: int = 0, n_train: int = 500,
