@@ -99,3 +99,29 @@ def test_oracle_methods_are_not_probed():
     method = _Method()
     method.uses_task_id_at_eval = True
     assert own_expert_share(_Backbone(method.context), method, [_task("a", 2, 0)]) == {}
+
+
+@pytest.mark.parametrize("method, linears, per_token", [("routing-cl", 16, True), ("same", 12, False)])
+def test_probe_on_a_real_run_counts_every_prompt_token_or_sample(tmp_path, method, linears, per_token):
+    """Two quick tasks; the probe reads every adapted linear once per prompt: per-token routers count the
+    real (unpadded) prompt tokens, per-sample routers each sample; SAME's expert k is task k's."""
+    from cramcl.config import resolve_config
+    from cramcl.engine.runner import run_stream
+    from cramcl.engine.session import open_finished_run
+
+    cfg = resolve_config(method=method, profile="quick",
+                         overrides=["data.tasks=[shape,digits]", "train.steps_per_task=4"])
+    run_stream(cfg, tmp_path / "run", log=lambda *a: None)
+    session, _, _ = open_finished_run(tmp_path / "run", None, log=lambda *a: None)
+    tasks = session.bench.tasks
+    assert [session.method.expert_created_for(i) for i in range(3)] == [0, 1, None]
+    out = own_expert_share(session.backbone, session.method, tasks, batch_size=8)
+    assert set(out) == {"shape", "digits"}
+    for task in tasks:
+        records = list(task.test)
+        if per_token:
+            units = int(session.backbone.collate(records, train=False)["attention_mask"].sum()) * linears
+        else:
+            units = len(records) * linears
+        assert out[task.name]["units"] == units
+        assert 0.0 <= out[task.name]["min_linear"] <= out[task.name]["share"] <= out[task.name]["max_linear"] <= 100.0
