@@ -1,15 +1,17 @@
 """Why each method of a finished grid falls short of a reference (``mtl`` by default): the measurements.
 
-    PYTHONPATH=src python bench/peer_diagnostics.py runs/grid [--reference mtl] [--probe V1,V2] [--isolate V1,V2]
+    PYTHONPATH=src python bench/peer_diagnostics.py runs/grid [--reference mtl] [--probe V1,V2]
+        [--isolate V1,V2] [--prefix V1,V2]
 
 For every variant directory with finished seeds (the layout of `bench/run_grid.py` / `cramcl compare
 --seeds`), mean +- std over its seeds of:
 * the gap to the reference's final row split exactly into **plasticity** (reference minus the score right
   after learning the task) and **forgetting** (that score minus the final one) (eval/metrics.py
   ``gap_to_reference``), averaged over tasks;
-* **own-expert share** (``--probe V1,V2``): for methods that add one expert per task, the % of evaluation routing units
-  (samples or prompt tokens, every adapted linear) whose largest weight is on the task's own expert, on the
-  final checkpoint, without task id, batches mixing tasks as evaluation does (eval/routing_probe.py);
+* **own-expert share** (``--probe V1,V2``): for methods that add one expert per task, the % of evaluation
+  routing units (samples or prompt tokens, every adapted linear) that give the task's own expert more weight
+  than any other, on the final checkpoint, without task id, batches mixing tasks as evaluation does
+  (eval/routing_probe.py);
 * **own expert alone** (``--isolate V1,V2``: methods that add one expert per task and mix several at test
   time, e.g. SAME): the final row's mean when every task's test records are answered with the task's own
   expert alone (weight 1, every other expert 0; the true task id, so a diagnosis, not a method); and
@@ -193,8 +195,8 @@ def main() -> int:
     ref_rows = [_scores(r)[-1] for r in grid[args.reference]]
     reference = [statistics.mean(col) for col in zip(*ref_rows)]
     print("| variant | seeds | gap to " + args.reference + " | plasticity | forgetting | own-expert share % "
-          "(lowest task) | MFN, own expert alone (or 0..t) | penalty / LM loss (step 10; task mean) | replayed share of training | fusion cross terms "
-          "(after task 1; last); own term / sum |")
+          "(lowest task) | MFN, own expert alone (or 0..t) | penalty / LM loss (step 10; task mean) "
+          "| replayed share of training | fusion cross terms (after task 1; last); own term / sum |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, runs in grid.items():
         if name == args.reference:
@@ -221,7 +223,8 @@ def main() -> int:
         rep_cell = f"{100 * statistics.mean(rep):.1f}%" if rep else "–"
         fus = [f for f in (_fusion_cross_share(r) for r in runs) if f]
         fus_cell = ("; ".join(f"{statistics.mean(f[i] for f in fus):.2f}" for i in range(3)) if fus else "–")
-        print(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {share} | {iso} | {pen_cell} | {rep_cell} | {fus_cell} |")
+        print(f"| {name} | {len(runs)} | " + " | ".join(cells)
+              + f" | {share} | {iso} | {pen_cell} | {rep_cell} | {fus_cell} |")
     return 0
 
 
