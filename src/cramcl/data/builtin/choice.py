@@ -96,9 +96,17 @@ COLOUR_STEM = "What colour is it?"
 _COLOUR_WORDS = tuple(dict.fromkeys(_COLOUR_NAMES + ("gray", "teal", "brown")))
 _COLOUR_RE = re.compile(r"\b(" + "|".join(_COLOUR_WORDS) + r")\b")
 _CORNER_RE = re.compile(r"\b(top|bottom)-(left|right) corner\b")
+_SLOT_RE = re.compile(r"\b(" + "|".join(_COLOUR_WORDS + tuple(SHAPES) + (
+    "rectangle", "top", "bottom", "left", "right", "one", "two", "three", "four", "five")) + r"|\d+)\b")
 
 
-def instruction_samples(samples: list[Sample], seed: int) -> list[Sample]:
+def caption_domain(caption: str) -> str:
+    """The caption with its colour, shape, number and position words blanked: captions sharing it come from
+    the same domain ("a _ _", "a small handwritten _ in the _-_ corner", "_ dots", ...)."""
+    return _SLOT_RE.sub("_", caption)
+
+
+def instruction_samples(samples: list[Sample], seed: int, *, mc_heavy: bool = False) -> list[Sample]:
     """Generic instruction records over captioned base-corpus samples (their images reused):
 
     * every sample: a 3-option multiple choice over captions (distractors: other samples' captions) and a
@@ -107,6 +115,10 @@ def instruction_samples(samples: list[Sample], seed: int) -> list[Sample]:
     * a caption naming a corner: "left or right?" and "top or bottom?" (one-word answers).
 
     Stems, option wording and answer spaces differ from the stream's own questions.
+
+    ``mc_heavy``: two caption multiple choices per sample with distractors from the same domain
+    (:func:`caption_domain`; all captions where the domain has fewer than three), colour multiple choice and
+    yes/no as above, and no left/right or top/bottom records.
     """
     rng = np.random.default_rng([seed, 7331])
     captions = sorted({s.caption for s in samples})
@@ -115,9 +127,19 @@ def instruction_samples(samples: list[Sample], seed: int) -> list[Sample]:
     def add(s: Sample, question: str, answer: str) -> None:
         out.append(Sample(question, answer, s.caption, image=s.image, source=s.source, key=s.key))
 
+    by_domain: dict[str, list[str]] = {}
+    for c in captions:
+        by_domain.setdefault(caption_domain(c), []).append(c)
     for s in samples:
-        options, letter = shuffled_options(rng, s.caption, captions, 3)
-        add(s, options_question(CAPTION_STEM, options), letter)
+        if mc_heavy:
+            pool = by_domain[caption_domain(s.caption)]
+            pool = pool if len(pool) >= 3 else captions
+            for _ in range(2):
+                options, letter = shuffled_options(rng, s.caption, pool, 3)
+                add(s, options_question(CAPTION_STEM, options), letter)
+        else:
+            options, letter = shuffled_options(rng, s.caption, captions, 3)
+            add(s, options_question(CAPTION_STEM, options), letter)
         if rng.random() < 0.5:
             add(s, f"Is this {s.caption} ? Answer yes or no.", "yes")
         else:
@@ -127,7 +149,7 @@ def instruction_samples(samples: list[Sample], seed: int) -> list[Sample]:
         if colour:
             options, letter = shuffled_options(rng, colour.group(1), list(_COLOUR_WORDS), 4)
             add(s, options_question(COLOUR_STEM, options), letter)
-        corner = _CORNER_RE.search(s.caption)
+        corner = None if mc_heavy else _CORNER_RE.search(s.caption)
         if corner:
             if rng.random() < 0.5:
                 add(s, "Is the object on the left or on the right?", corner.group(2))

@@ -34,7 +34,7 @@ def _pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str,
         "pretrain", round(n * mc.pretrain_share), (seed, index), image_size, test_hashes["mc-shape"])
 
 
-def generate_mc_study(out_dir: str | Path, *, instruct: bool, seed: int = 0, n_train: int = 500,
+def generate_mc_study(out_dir: str | Path, *, instruct: bool, mc_heavy: bool = False, seed: int = 0, n_train: int = 500,
                       n_test: int = 200, image_size: int = 64, n_pretrain: int | None = None,
                       tasks: tuple[str, ...] = ORDER) -> Path:
     """Write the study benchmark into ``out_dir`` (replaced if present); return its YAML path."""
@@ -54,14 +54,14 @@ def generate_mc_study(out_dir: str | Path, *, instruct: bool, seed: int = 0, n_t
     samples = _pretrain_samples(seed, n_pretrain, image_size, test_hashes)
     records = [(PRETRAIN_QUESTION, s.caption, s) for s in samples]
     if instruct:
-        records += [(s.question, s.answer, s) for s in choice.instruction_samples(samples, seed)]
+        records += [(s.question, s.answer, s) for s in choice.instruction_samples(samples, seed, mc_heavy=mc_heavy)]
     order = np.random.default_rng([seed, 4242]).permutation(len(records))
     records = [records[i] for i in order]
     rels = _save_images(out / "images", "pretrain", "img", [s for _, _, s in records])
     lines = [json.dumps({"id": f"pretrain-{i:05d}", "image": rel, "question": q, "answer": a})
              for i, (rel, (q, a, _)) in enumerate(zip(rels, records))]
     (out / "pretrain.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    yaml = [f"# cramcl multiple-choice study (instruct={instruct}, seed={seed}, n_train={n_train}, "
+    yaml = [f"# cramcl multiple-choice study (instruct={instruct}, mc_heavy={mc_heavy}, seed={seed}, n_train={n_train}, "
             f"n_test={n_test}, n_pretrain={n_pretrain})",
             "name: cramcl-mc-study", "image_root: images", "pretrain: pretrain.jsonl", "tasks:"]
     for name in tasks:
@@ -75,5 +75,8 @@ def generate_mc_study(out_dir: str | Path, *, instruct: bool, seed: int = 0, n_t
 if __name__ == "__main__":
     import sys
 
-    for flag, path in (("0", sys.argv[1]), ("1", sys.argv[2])):
-        print(generate_mc_study(path, instruct=flag == "1"))
+    if sys.argv[1] == "--mc-heavy":  # python -m cramcl.data.builtin.mc_study --mc-heavy OUT
+        print(generate_mc_study(sys.argv[2], instruct=True, mc_heavy=True))
+    else:
+        for flag, path in (("0", sys.argv[1]), ("1", sys.argv[2])):
+            print(generate_mc_study(path, instruct=flag == "1"))
