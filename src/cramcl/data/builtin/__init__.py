@@ -145,34 +145,45 @@ def _write_pretrain(root: Path, seed: int, n: int, image_size: int,
     # Mix the domains so a base stage reading in order sees all of them in every batch.
     order = np.random.default_rng([seed, len(TASK_INFO)]).permutation(len(samples))
     samples = [samples[i] for i in order]
-    rels = _save_images(root / "images", "pretrain", "img", samples)
-    lines = [json.dumps({"id": f"pretrain-{i:05d}", "image": rel, "question": PRETRAIN_QUESTION,
-                         "answer": s.caption})
-             for i, (rel, s) in enumerate(zip(rels, samples))]
+    write_pretrain_records(root, [(PRETRAIN_QUESTION, s.caption, s) for s in samples])
+
+
+def write_pretrain_records(root: Path, records: list[tuple[str, str, Sample]]) -> None:
+    """``pretrain.jsonl`` from (question, answer, sample) triples in order, images under images/pretrain/."""
+    rels = _save_images(root / "images", "pretrain", "img", [s for _, _, s in records])
+    lines = [json.dumps({"id": f"pretrain-{i:05d}", "image": rel, "question": q, "answer": a})
+             for i, (rel, (q, a, _)) in enumerate(zip(rels, records))]
     (root / "pretrain.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _write_yaml(root: Path, params: dict) -> None:
-    lines = [f"# cramcl built-in stream ({BUILTIN_VERSION}; "
-             + ", ".join(f"{k}={v}" for k, v in params.items()) + ")",
-             "name: cramcl-builtin", "image_root: images", "pretrain: pretrain.jsonl", "tasks:"]
-    for task in TASK_INFO:
-        lines += [f"  - name: {task.name}", f"    train: {task.name}/train.json",
-                  f"    test: {task.name}/test.jsonl", f"    scorer: {task.scorer}"]
-    (root / "benchmark.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _generate_into(root: Path, params: dict) -> None:
+def write_tasks(root: Path, tasks: list[tuple[int, BuiltinTask]], params: dict) -> dict[str, set[str]]:
+    """Each (stream index, task)'s test and train splits (train never holding a test image); returns the
+    test images' pixel hashes per task name."""
     seed, image_size = params["seed"], params["image_size"]
     test_hashes: dict[str, set[str]] = {}
-    for index, task in enumerate(TASK_INFO):
+    for index, task in tasks:
         test = task.make("test", params["n_test"], (seed, index), image_size, set())
         test_hashes[task.name] = {pixel_hash(s.image) for s in test if s.image is not None}
         train = task.make("train", params["n_train"], (seed, index), image_size, test_hashes[task.name])
         _write_task(root, task, "test", test)
         _write_task(root, task, "train", train)
-    _write_pretrain(root, seed, params["n_pretrain"], image_size, test_hashes)
-    _write_yaml(root, params)
+    return test_hashes
+
+
+def write_yaml(root: Path, header: str, name: str, tasks: list[BuiltinTask]) -> Path:
+    lines = [f"# {header}", f"name: {name}", "image_root: images", "pretrain: pretrain.jsonl", "tasks:"]
+    for task in tasks:
+        lines += [f"  - name: {task.name}", f"    train: {task.name}/train.json",
+                  f"    test: {task.name}/test.jsonl", f"    scorer: {task.scorer}"]
+    (root / "benchmark.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "benchmark.yaml"
+
+
+def _generate_into(root: Path, params: dict) -> None:
+    test_hashes = write_tasks(root, list(enumerate(TASK_INFO)), params)
+    _write_pretrain(root, params["seed"], params["n_pretrain"], params["image_size"], test_hashes)
+    write_yaml(root, f"cramcl built-in stream ({BUILTIN_VERSION}; "
+               + ", ".join(f"{k}={v}" for k, v in params.items()) + ")", "cramcl-builtin", list(TASK_INFO))
 
 
 def _read_manifest(out_dir: Path) -> dict | None:

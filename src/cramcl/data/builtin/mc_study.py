@@ -8,15 +8,14 @@ images (:func:`cramcl.data.builtin.choice.instruction_samples`).
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from cramcl.data.builtin import (PRETRAIN_QUESTION, TASK_INFO, BuiltinTask, _save_images, _write_task, choice,
-                                 pretrain_samples)
-from cramcl.data.builtin._common import Sample, pixel_hash
+from cramcl.data.builtin import (PRETRAIN_QUESTION, TASK_INFO, BuiltinTask, choice, pretrain_samples,
+                                 write_pretrain_records, write_tasks, write_yaml)
+from cramcl.data.builtin._common import Sample
 
 MC_TASKS = (
     BuiltinTask("mc-shape", "choice", "exact", "tinted-shapes", choice.make_mc_shape, 0.1),
@@ -34,8 +33,8 @@ def _pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str,
         "pretrain", round(n * mc.pretrain_share), (seed, index), image_size, test_hashes["mc-shape"])
 
 
-def generate_mc_study(out_dir: str | Path, *, instruct: bool, mc_heavy: bool = False, seed: int = 0, n_train: int = 500,
-                      n_test: int = 200, image_size: int = 64, n_pretrain: int | None = None,
+def generate_mc_study(out_dir: str | Path, *, instruct: bool, mc_heavy: bool = False, seed: int = 0,
+                      n_train: int = 500, n_test: int = 200, image_size: int = 64, n_pretrain: int | None = None,
                       tasks: tuple[str, ...] = ORDER) -> Path:
     """Write the study benchmark into ``out_dir`` (replaced if present); return its YAML path."""
     out = Path(out_dir)
@@ -43,33 +42,17 @@ def generate_mc_study(out_dir: str | Path, *, instruct: bool, mc_heavy: bool = F
         shutil.rmtree(out)
     out.mkdir(parents=True)
     n_pretrain = n_pretrain or max(50, round(n_train * 1500 / 800))
-    test_hashes: dict[str, set[str]] = {}
-    for name in tasks:
-        index, task = _BY_NAME[name]
-        test = task.make("test", n_test, (seed, index), image_size, set())
-        test_hashes[name] = {pixel_hash(s.image) for s in test if s.image is not None}
-        train = task.make("train", n_train, (seed, index), image_size, test_hashes[name])
-        _write_task(out, task, "test", test)
-        _write_task(out, task, "train", train)
+    params = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size}
+    test_hashes = write_tasks(out, [_BY_NAME[name] for name in tasks], params)
     samples = _pretrain_samples(seed, n_pretrain, image_size, test_hashes)
     records = [(PRETRAIN_QUESTION, s.caption, s) for s in samples]
     if instruct:
         records += [(s.question, s.answer, s) for s in choice.instruction_samples(samples, seed, mc_heavy=mc_heavy)]
     order = np.random.default_rng([seed, 4242]).permutation(len(records))
-    records = [records[i] for i in order]
-    rels = _save_images(out / "images", "pretrain", "img", [s for _, _, s in records])
-    lines = [json.dumps({"id": f"pretrain-{i:05d}", "image": rel, "question": q, "answer": a})
-             for i, (rel, (q, a, _)) in enumerate(zip(rels, records))]
-    (out / "pretrain.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    yaml = [f"# cramcl multiple-choice study (instruct={instruct}, mc_heavy={mc_heavy}, seed={seed}, n_train={n_train}, "
-            f"n_test={n_test}, n_pretrain={n_pretrain})",
-            "name: cramcl-mc-study", "image_root: images", "pretrain: pretrain.jsonl", "tasks:"]
-    for name in tasks:
-        task = _BY_NAME[name][1]
-        yaml += [f"  - name: {name}", f"    train: {name}/train.json", f"    test: {name}/test.jsonl",
-                 f"    scorer: {task.scorer}"]
-    (out / "benchmark.yaml").write_text("\n".join(yaml) + "\n", encoding="utf-8")
-    return out / "benchmark.yaml"
+    write_pretrain_records(out, [records[i] for i in order])
+    header = (f"cramcl multiple-choice study (instruct={instruct}, mc_heavy={mc_heavy}, seed={seed}, "
+              f"n_train={n_train}, n_test={n_test}, n_pretrain={n_pretrain})")
+    return write_yaml(out, header, "cramcl-mc-study", [_BY_NAME[name][1] for name in tasks])
 
 
 if __name__ == "__main__":
