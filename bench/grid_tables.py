@@ -20,8 +20,8 @@ from cramcl.engine.seeds import mean_std, pm
 METRICS = ("MFT", "MFN", "MAA", "BWT", "forgetting")
 
 
-def _load(root: Path) -> dict[str, list[dict]]:
-    """variant directory name -> finished seeds' {"seed", "matrix", "metrics"}."""
+def load_grid(root: Path) -> dict[str, list[dict]]:
+    """variant directory name -> finished seeds' {"seed", "matrix", "metrics", "path"}."""
     out = {}
     for variant in sorted(p for p in root.iterdir() if p.is_dir()):
         runs = []
@@ -32,7 +32,8 @@ def _load(root: Path) -> dict[str, list[dict]]:
             except (OSError, ValueError):
                 continue
             if metrics.get("complete"):
-                runs.append({"seed": int(seed_dir.name.split("_")[1]), "matrix": matrix, "metrics": metrics})
+                runs.append({"seed": int(seed_dir.name.split("_")[1]), "matrix": matrix, "metrics": metrics,
+                             "path": seed_dir})
         if runs:
             out[variant.name] = runs
     return out
@@ -47,7 +48,7 @@ def main() -> int:
     ap.add_argument("root")
     ap.add_argument("--baseline", default="cram")
     args = ap.parse_args()
-    grid = _load(Path(args.root))
+    grid = load_grid(Path(args.root))
     n_max = max(len(r) for r in grid.values())
     tasks = next(iter(grid.values()))[0]["matrix"]["tasks"]
 

@@ -38,25 +38,7 @@ from pathlib import Path
 
 from cramcl.engine.seeds import mean_std, pm
 from cramcl.eval.metrics import gap_to_reference
-
-
-def _finished(root: Path) -> dict[str, list[Path]]:
-    out = {}
-    for variant in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "diagnostics"):
-        seeds = []
-        for run in sorted(variant.glob("seed_*")):
-            try:
-                if json.loads((run / "results" / "metrics.json").read_text()).get("complete"):
-                    seeds.append(run)
-            except (OSError, ValueError):
-                pass
-        if seeds:
-            out[variant.name] = seeds
-    return out
-
-
-def _scores(run: Path) -> list[list]:
-    return json.loads((run / "results" / "matrix.json").read_text())["scores"]
+from grid_tables import load_grid  # bench/ is on the path when this script runs
 
 
 def _probe(run: Path, cache: Path) -> dict:
@@ -188,11 +170,13 @@ def main() -> int:
     ap.add_argument("--isolate", default="", help="variants to evaluate with each task's own expert alone")
     ap.add_argument("--prefix", default="", help="variants to evaluate without each task's later experts")
     args = ap.parse_args()
-    grid = _finished(args.root)
-    if args.reference not in grid:
+    loaded = load_grid(args.root)
+    if args.reference not in loaded:
         print(f"{args.root}: no finished '{args.reference}' run to compare with", file=sys.stderr)
         return 2
-    ref_rows = [_scores(r)[-1] for r in grid[args.reference]]
+    grid = {name: [r["path"] for r in runs] for name, runs in loaded.items()}
+    scores = {r["path"]: r["matrix"]["scores"] for runs in loaded.values() for r in runs}
+    ref_rows = [scores[r][-1] for r in grid[args.reference]]
     reference = [statistics.mean(col) for col in zip(*ref_rows)]
     print("| variant | seeds | gap to " + args.reference + " | plasticity | forgetting | own-expert share % "
           "(lowest task) | MFN, own expert alone (or 0..t) | penalty / LM loss (step 10; task mean) "
@@ -201,7 +185,7 @@ def main() -> int:
     for name, runs in grid.items():
         if name == args.reference:
             continue
-        gaps = [gap_to_reference(_scores(r), reference) for r in runs]
+        gaps = [gap_to_reference(scores[r], reference) for r in runs]
         cells = [pm(mean_std([g[k] for g in gaps])) for k in ("gap", "plasticity", "forgetting")]
         share = "–"
         if name in args.probe.split(","):
