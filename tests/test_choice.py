@@ -43,3 +43,27 @@ def test_instruction_samples_reuse_images_and_answer_correctly():
     for s in mc:
         listed = s.question.split(" Options: ", 1)[1]
         assert f"{s.answer} {s.caption}" in listed
+
+
+def test_mc_heavy_records_draw_distractors_from_the_same_domain_and_skip_spatial_questions():
+    from cramcl.data.builtin import corner
+
+    base = (choice.make_mc_shape("pretrain", 20, (0, 9), 64, set())
+            + corner.make_corner("pretrain", 20, (0, 2), 64, set()))
+    out = choice.instruction_samples(base, seed=0, mc_heavy=True)
+    mc = [s for s in out if s.question.startswith(choice.CAPTION_STEM)]
+    assert len(mc) == 2 * len(base)
+    for s in mc:
+        opts = _caption_options(s.question)
+        assert opts[s.answer] == s.caption
+        assert {choice.caption_domain(c) for c in opts.values()} == {choice.caption_domain(s.caption)}
+    assert not any("left or on the right" in s.question or "top or at the bottom" in s.question for s in out)
+    plain = choice.instruction_samples(base, seed=0)
+    assert any("left or on the right" in s.question or "top or at the bottom" in s.question for s in plain)
+
+
+def _caption_options(question: str) -> dict[str, str]:
+    """Letter -> caption of a caption multiple choice (captions hold spaces; letters are single capitals)."""
+    listed = question.split(" Options: ", 1)[1].rsplit(" " + choice.TAIL, 1)[0]
+    parts = re.split(r"(?:^| )([A-E]) ", listed)[1:]
+    return dict(zip(parts[::2], parts[1::2]))
