@@ -24,7 +24,8 @@ def adapted_model(seed: int = 0, num_layers: int = LAYERS):
     for key, layer in layers.items():
         offset = 0.5 + 0.1 * layer.layer_index + 0.01 * TARGETS.index(key.split(".")[-1])
         for r in (2, 5):
-            k = layer.add_expert(A=0.1 * torch.randn(r, HIDDEN, generator=g), B=0.1 * torch.randn(HIDDEN, r, generator=g),
+            k = layer.add_expert(A=0.1 * torch.randn(r, HIDDEN, generator=g),
+                                 B=0.1 * torch.randn(HIDDEN, r, generator=g),
                                  scale=offset + r)
             layer.set_expert_trainable(k, False)
         layer.init_buffer(3, alpha=6.0)
