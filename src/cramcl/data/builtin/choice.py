@@ -93,10 +93,10 @@ def make_mc_digit(split: str, n: int, task_seed: tuple[int, int], image_size: in
 # ---------------------------------------------------------------- the base stage's instruction records
 CAPTION_STEM = "Which caption fits the image?"
 COLOUR_STEM = "What colour is it?"
-_COLOUR_WORDS = tuple(dict.fromkeys(_COLOUR_NAMES + ("gray", "teal", "brown")))
-_COLOUR_RE = re.compile(r"\b(" + "|".join(_COLOUR_WORDS) + r")\b")
+COLOUR_WORDS = tuple(dict.fromkeys(_COLOUR_NAMES + ("gray", "teal", "brown")))
+_COLOUR_RE = re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b")
 _CORNER_RE = re.compile(r"\b(top|bottom)-(left|right) corner\b")
-_SLOT_RE = re.compile(r"\b(" + "|".join(_COLOUR_WORDS + tuple(SHAPES) + (
+_SLOT_RE = re.compile(r"\b(" + "|".join(COLOUR_WORDS + tuple(SHAPES) + (
     "rectangle", "top", "bottom", "left", "right", "one", "two", "three", "four", "five")) + r"|\d+)\b")
 
 
@@ -147,7 +147,7 @@ def instruction_samples(samples: list[Sample], seed: int, *, mc_heavy: bool = Fa
             add(s, f"Is this {other} ? Answer yes or no.", "yes" if other == s.caption else "no")
         colour = _COLOUR_RE.search(s.caption)
         if colour:
-            options, letter = shuffled_options(rng, colour.group(1), list(_COLOUR_WORDS), 4)
+            options, letter = shuffled_options(rng, colour.group(1), list(COLOUR_WORDS), 4)
             add(s, options_question(COLOUR_STEM, options), letter)
         corner = None if mc_heavy else _CORNER_RE.search(s.caption)
         if corner:

@@ -1,0 +1,127 @@
+"""`cramcl run` with the tiny backbone's base stage probed every N steps (the MC study, docs/mc-study.md).
+
+The base stage trains exactly as in a plain run (same batches, same cache key: the base is cached for
+later runs with the same thread count); every ``--every`` steps, and after the last, the model answers four
+probe sets greedily and one JSON line per probe goes to ``--log``:
+
+* ``colour``: 200 fresh colour multiple choices on the benchmark's captioned base images (new option
+  shuffles of images the base trains on: the skill, not the records);
+* ``bind``: 200 fresh binding records ("Which option says red? ...": reading the options only);
+* ``mc-shape``, ``mc-digit``: the benchmark's test records of its two MC tasks (zero-shot).
+
+    PYTHONPATH=src:bench python bench/base_probe.py --bench B --log probes.jsonl [--every 250] [--threads 1] \
+        -- run --benchmark B/benchmark.yaml --method zero-shot --profile default --out DIR backbone.base_steps=3000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cramcl.backbones.tiny.backbone as tiny_backbone
+import cramcl.backbones.tiny.base_stage as base_stage
+from cramcl.data.records import Record
+from mc_attribute_base import ATTRIBUTES, attribute_question, binding_question, caption_records, options
+
+PROBE_SIZE = 200
+
+
+def probe_sets(bench: Path) -> dict[str, list[Record]]:
+    root = (bench / "images").resolve()
+    rng = np.random.default_rng(99)
+    colour, bind = [], []
+    stem, pattern, pool = ATTRIBUTES[0]
+    for r in caption_records(bench):
+        found = pattern.search(r["answer"])
+        if found and len(colour) < PROBE_SIZE:
+            listed, letter = options(rng, found.group(1), pool)
+            colour.append(Record(f"c{len(colour)}", root / r["image"], attribute_question(stem, listed), letter))
+        if len(bind) < PROBE_SIZE:
+            _, _, words = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+            word = words[int(rng.integers(len(words)))]
+            listed, letter = options(rng, word, words)
+            bind.append(Record(f"b{len(bind)}", root / r["image"], binding_question(word, listed), letter))
+    sets = {"colour": colour, "bind": bind}
+    for task in ("mc-shape", "mc-digit"):
+        rows = [json.loads(line) for line in open(bench / task / "test.jsonl")]
+        sets[task] = [Record(r["id"], root / r["image"], r["question"], r["answer"]) for r in rows]
+    return sets
+
+
+def accuracy(backbone, records: list[Record]) -> float:
+    hits = 0
+    for i in range(0, len(records), 100):
+        chunk = records[i:i + 100]
+        preds = backbone.generate(backbone.model, backbone.collate(chunk, train=False))
+        hits += sum(p.strip() == r.answer for p, r in zip(preds, chunk))
+    return round(100 * hits / len(records), 1)
+
+
+def install_probes(bench: Path, log_path: Path, every: int) -> None:
+    """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps."""
+    train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
+
+    def probed_train_base(self, corpus, seed, log):
+        sets = probe_sets(bench)
+        for records in sets.values():
+            self.prepare(records)
+
+        @torch.no_grad()
+        def probe(step: int) -> None:
+            was_training = self.model.training
+            self.model.eval()
+            row = {"step": step, **{name: accuracy(self, rs) for name, rs in sets.items()}, "time": time.time()}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print("PROBE", row, flush=True)
+            self.model.train(was_training)
+
+        def train_with_probes(model, make_batch, n_records, steps, batch_size, lr, seed_):
+            calls = {"n": 0}
+            forward = model.forward
+
+            def counting_forward(*args, **kwargs):  # a training forward = one optimizer step
+                if model.training and torch.is_grad_enabled():
+                    if calls["n"] and calls["n"] % every == 0:
+                        probe(calls["n"])
+                    calls["n"] += 1
+                return forward(*args, **kwargs)
+
+            model.forward = counting_forward
+            try:
+                train(model, make_batch, n_records, steps, batch_size, lr, seed_)
+            finally:
+                del model.forward
+            probe(steps)
+
+        base_stage._train = train_with_probes
+        try:
+            train_base(self, corpus, seed, log)
+        finally:
+            base_stage._train = train
+
+    tiny_backbone.TinyBackbone._train_base = probed_train_base
+
+
+def main(argv: list[str]) -> int:
+    split = argv.index("--")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bench", type=Path, required=True)
+    parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
+    args = parser.parse_args(argv[:split])
+    torch.set_num_threads(args.threads)
+    install_probes(args.bench, args.log, args.every)
+    from cramcl.cli import main as cramcl_main
+
+    return cramcl_main(argv[split + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,98 @@
+"""An attribute multiple-choice base corpus for the MC study (docs/mc-study.md, third round).
+
+Reads an MC study benchmark (``python -m cramcl.data.builtin.mc_study --mc-heavy SRC``), keeps its caption
+records ("Describe the image.") and writes OUT: the same tasks and images (symlinked) with a new
+``pretrain.jsonl`` holding, per captioned base image,
+
+* the caption record itself;
+* one multiple choice per attribute its caption names, single words as options (3 or 4, shuffled):
+  colour ("What colour is it?"), shape ("What shape is it?"), digit ("Which number is it?"), corner
+  ("Which corner is it in?");
+* one *binding* record that names the target in the text ("Which option says red? Options: A blue B red
+  ... Answer with the letter." -> "B"): the image does not matter, only reading the options does.
+
+Option words and stems differ from the stream's MC tasks ("Which option matches the picture?").
+
+    PYTHONPATH=src python bench/mc_attribute_base.py SRC OUT [--no-binding]
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cramcl.data.builtin.choice import COLOUR_WORDS, LETTERS
+
+TAIL = "Answer with the letter."
+SHAPES = ("circle", "square", "triangle", "rectangle", "blob")
+DIGITS = tuple(str(d) for d in range(10))
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+ATTRIBUTES = (  # (stem, the caption word it asks about, the option pool)
+    ("What colour is it?", re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b"), COLOUR_WORDS),
+    ("What shape is it?", re.compile(r"\b(" + "|".join(SHAPES) + r")\b"), SHAPES),
+    ("Which number is it?", re.compile(r"\b(\d)\b"), DIGITS),
+    ("Which corner is it in?", re.compile(r"\b((?:top|bottom)-(?:left|right))\b"), CORNERS),
+)
+
+
+def options(rng: np.random.Generator, correct: str, pool) -> tuple[str, str]:
+    """("A x B y ...", letter of ``correct``): 3 or 4 options, ``correct`` among them, shuffled."""
+    k = int(rng.integers(3, 5))
+    others = [o for o in pool if o != correct]
+    picked = [others[i] for i in rng.permutation(len(others))[: k - 1]]
+    opts = [correct, *picked]
+    opts = [opts[i] for i in rng.permutation(len(opts))]
+    return " ".join(f"{LETTERS[i]} {o}" for i, o in enumerate(opts)), LETTERS[opts.index(correct)]
+
+
+def attribute_question(stem: str, listed: str) -> str:
+    return f"{stem} Options: {listed} {TAIL}"
+
+
+def binding_question(word: str, listed: str) -> str:
+    return f"Which option says {word}? Options: {listed} {TAIL}"
+
+
+def caption_records(bench: Path) -> list[dict]:
+    records = [json.loads(line) for line in open(bench / "pretrain.jsonl")]
+    return [r for r in records if r["question"] == "Describe the image."]
+
+
+def write(src: Path, out: Path, binding: bool = True) -> int:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for p in src.iterdir():  # tasks and images shared; the YAML copied so that it reads OUT's pretrain.jsonl
+        if p.name == "benchmark.yaml":
+            shutil.copy(p, out / p.name)
+        elif p.name != "pretrain.jsonl":
+            os.symlink(p.resolve(), out / p.name)
+    rng = np.random.default_rng(11)
+    records = []
+    for r in caption_records(src):
+        records.append(r)
+        for stem, pattern, pool in ATTRIBUTES:
+            found = pattern.search(r["answer"])
+            if found:
+                listed, letter = options(rng, found.group(1), pool)
+                records.append({"image": r["image"], "question": attribute_question(stem, listed), "answer": letter})
+        if binding:
+            _, _, pool = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+            word = pool[int(rng.integers(len(pool)))]
+            listed, letter = options(rng, word, pool)
+            records.append({"image": r["image"], "question": binding_question(word, listed), "answer": letter})
+    order = np.random.default_rng(5).permutation(len(records))
+    with open(out / "pretrain.jsonl", "w") as f:
+        for j, i in enumerate(order):
+            f.write(json.dumps({**records[i], "id": f"pretrain-{j:05d}"}) + "\n")
+    return len(records)
+
+
+if __name__ == "__main__":
+    n = write(Path(sys.argv[1]), Path(sys.argv[2]), binding="--no-binding" not in sys.argv)
+    print(f"{sys.argv[2]}: {n} pretrain records")
