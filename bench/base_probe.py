@@ -6,8 +6,9 @@ probe sets greedily and one JSON line per probe goes to ``--log``:
 
 * ``colour``: 200 fresh colour multiple choices on the benchmark's captioned base images (new option
   shuffles of images the base trains on: the skill, not the records);
-* ``bind``: 200 fresh binding records ("Which option says red? ...": reading the options only);
-* ``mc-shape``, ``mc-digit``: the benchmark's test records of its two MC tasks (zero-shot).
+* ``bind``: 200 fresh binding records ("Which option says red? ...": reading the options only; with
+  ``--spaced`` "says red ? ...", as ``mc_attribute_base.py --spaced`` writes them);
+* ``mc-*``: the test records of the benchmark's MC tasks (``mc-shape``, ``mc-digit``, ...; zero-shot).
 
     PYTHONPATH=src:bench python bench/base_probe.py --bench B --log probes.jsonl [--every 250] [--threads 1] \
         -- run --benchmark B/benchmark.yaml --method zero-shot --profile default --out DIR backbone.base_steps=3000
@@ -31,7 +32,7 @@ from mc_attribute_base import ATTRIBUTES, attribute_question, binding_question, 
 PROBE_SIZE = 200
 
 
-def probe_sets(bench: Path) -> dict[str, list[Record]]:
+def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
     root = (bench / "images").resolve()
     rng = np.random.default_rng(99)
     colour, bind = [], []
@@ -45,9 +46,9 @@ def probe_sets(bench: Path) -> dict[str, list[Record]]:
             _, _, words = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
             word = words[int(rng.integers(len(words)))]
             listed, letter = options(rng, word, words)
-            bind.append(Record(f"b{len(bind)}", root / r["image"], binding_question(word, listed), letter))
+            bind.append(Record(f"b{len(bind)}", root / r["image"], binding_question(word, listed, spaced), letter))
     sets = {"colour": colour, "bind": bind}
-    for task in ("mc-shape", "mc-digit"):
+    for task in sorted(p.name for p in bench.iterdir() if p.name.startswith("mc-") and (p / "test.jsonl").exists()):
         rows = [json.loads(line) for line in open(bench / task / "test.jsonl")]
         sets[task] = [Record(r["id"], root / r["image"], r["question"], r["answer"]) for r in rows]
     return sets
@@ -62,12 +63,12 @@ def accuracy(backbone, records: list[Record]) -> float:
     return round(100 * hits / len(records), 1)
 
 
-def install_probes(bench: Path, log_path: Path, every: int) -> None:
+def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False) -> None:
     """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps."""
     train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
 
     def probed_train_base(self, corpus, seed, log):
-        sets = probe_sets(bench)
+        sets = probe_sets(bench, spaced)
         for records in sets.values():
             self.prepare(records)
 
@@ -114,10 +115,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--bench", type=Path, required=True)
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--spaced", action="store_true", help="binding probes as mc_attribute_base --spaced")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
     args = parser.parse_args(argv[:split])
     torch.set_num_threads(args.threads)
-    install_probes(args.bench, args.log, args.every)
+    install_probes(args.bench, args.log, args.every, args.spaced)
     from cramcl.cli import main as cramcl_main
 
     return cramcl_main(argv[split + 1:])

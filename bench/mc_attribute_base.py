@@ -13,10 +13,11 @@ records ("Describe the image.") and writes OUT: the same tasks and images (symli
 
 Option words and stems differ from the stream's MC tasks ("Which option matches the picture?").
 
-    PYTHONPATH=src python bench/mc_attribute_base.py SRC OUT [--no-binding]
+    PYTHONPATH=src python bench/mc_attribute_base.py SRC OUT [--binding N] [--spaced]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -54,8 +55,10 @@ def attribute_question(stem: str, listed: str) -> str:
     return f"{stem} Options: {listed} {TAIL}"
 
 
-def binding_question(word: str, listed: str) -> str:
-    return f"Which option says {word}? Options: {listed} {TAIL}"
+def binding_question(word: str, listed: str, spaced: bool = False) -> str:
+    """``spaced``: "says red ?" so that the word is the option's token (the tokenizer splits on whitespace
+    only, and "red?" is another token than "red")."""
+    return f"Which option says {word}{' ' if spaced else ''}? Options: {listed} {TAIL}"
 
 
 def caption_records(bench: Path) -> list[dict]:
@@ -63,7 +66,8 @@ def caption_records(bench: Path) -> list[dict]:
     return [r for r in records if r["question"] == "Describe the image."]
 
 
-def write(src: Path, out: Path, binding: bool = True) -> int:
+def write(src: Path, out: Path, binding: int = 1, spaced: bool = False) -> int:
+    """``binding``: binding records per captioned image; ``spaced``: see :func:`binding_question`."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -81,11 +85,12 @@ def write(src: Path, out: Path, binding: bool = True) -> int:
             if found:
                 listed, letter = options(rng, found.group(1), pool)
                 records.append({"image": r["image"], "question": attribute_question(stem, listed), "answer": letter})
-        if binding:
+        for _ in range(binding):
             _, _, pool = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
             word = pool[int(rng.integers(len(pool)))]
             listed, letter = options(rng, word, pool)
-            records.append({"image": r["image"], "question": binding_question(word, listed), "answer": letter})
+            records.append({"image": r["image"], "question": binding_question(word, listed, spaced),
+                            "answer": letter})
     order = np.random.default_rng(5).permutation(len(records))
     with open(out / "pretrain.jsonl", "w") as f:
         for j, i in enumerate(order):
@@ -94,5 +99,11 @@ def write(src: Path, out: Path, binding: bool = True) -> int:
 
 
 if __name__ == "__main__":
-    n = write(Path(sys.argv[1]), Path(sys.argv[2]), binding="--no-binding" not in sys.argv)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("src", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--binding", type=int, default=1, help="binding records per captioned image")
+    parser.add_argument("--spaced", action="store_true", help='"says red ?" instead of "says red?"')
+    args = parser.parse_args()
+    n = write(args.src, args.out, args.binding, args.spaced)
     print(f"{sys.argv[2]}: {n} pretrain records")

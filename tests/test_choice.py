@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 from cramcl.data.builtin import choice, scenes
+from cramcl.data.builtin._common import PALETTE
 
 _OPTION = re.compile(r"\b([A-E]) (\S+)")
 
@@ -31,6 +32,15 @@ def test_mc_digit_has_four_distinct_digits_and_the_true_one():
         opts = _options(s.question)
         assert len(opts) == 4 and len(set(opts.values())) == 4
         assert opts[s.answer] == s.caption.split()[-1]  # caption "a handwritten 7"
+    assert {s.answer for s in samples} == {"A", "B", "C", "D"}
+
+
+def test_mc_colour_options_are_palette_colours_with_the_blobs_own():
+    samples = choice.make_mc_colour("test", 80, (0, 11), 64, set())
+    for s in samples:
+        opts = _options(s.question)
+        assert len(opts) == 4 and set(opts.values()) <= set(PALETTE)
+        assert opts[s.answer] == s.caption.split()[1]  # caption "a red blob"
     assert {s.answer for s in samples} == {"A", "B", "C", "D"}
 
 

@@ -12,6 +12,8 @@ model that finds the matching option can copy the letter before it.
   shapes are the options, shuffled.
 * ``mc-digit``: a handwritten scikit-learn digit (the digits' test / train pools); the true digit and three
   other digits are the options, shuffled.
+* ``mc-colour``: a colour blob on grey noise (the ``colour`` task's domain); its colour and three other
+  palette colours are the options, shuffled.
 
 :func:`instruction_samples` turns base-corpus captions into generic instruction-following records
 (multiple choice over captions and over colours, yes/no, left/right and top/bottom) on the same held-apart
@@ -24,7 +26,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cramcl.data.builtin import digits
+from cramcl.data.builtin import digits, patches
 from cramcl.data.builtin._common import PALETTE, Sample, draw_shape, split_rng, unique_samples
 from cramcl.data.builtin.scenes import SHAPES
 
@@ -86,6 +88,18 @@ def make_mc_digit(split: str, n: int, task_seed: tuple[int, int], image_size: in
     out = []
     for s in digits.make_digits(split, n, task_seed, image_size, exclude):
         options, letter = shuffled_options(rng, s.answer, [str(d) for d in range(10)], 4)
+        out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
+    return out
+
+
+def make_mc_colour(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                   exclude: set[str]) -> list[Sample]:
+    """A colour blob on grey noise (the ``colour`` task's images); options: its colour and three other palette
+    colours, shuffled; answer: the letter."""
+    rng = split_rng(task_seed, split)
+    out = []
+    for s in patches.make_colour(split, n, task_seed, image_size, exclude):
+        options, letter = shuffled_options(rng, s.answer, list(_COLOUR_NAMES), 4)
         out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
     return out
 

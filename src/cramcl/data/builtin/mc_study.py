@@ -20,6 +20,7 @@ from cramcl.data.builtin._common import Sample
 MC_TASKS = (
     BuiltinTask("mc-shape", "choice", "exact", "tinted-shapes", choice.make_mc_shape, 0.1),
     BuiltinTask("mc-digit", "choice", "exact", "digits", choice.make_mc_digit, 0.0),
+    BuiltinTask("mc-colour", "choice", "exact", "blobs", choice.make_mc_colour, 0.0),
 )
 _BY_NAME = {t.name: (i, t) for i, t in enumerate(TASK_INFO)}
 _BY_NAME.update({t.name: (len(TASK_INFO) + i, t) for i, t in enumerate(MC_TASKS)})
@@ -58,8 +59,9 @@ def generate_mc_study(out_dir: str | Path, *, instruct: bool, mc_heavy: bool = F
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1] == "--mc-heavy":  # python -m cramcl.data.builtin.mc_study --mc-heavy OUT
-        print(generate_mc_study(sys.argv[2], instruct=True, mc_heavy=True))
+    if sys.argv[1] == "--mc-heavy":  # python -m cramcl.data.builtin.mc_study --mc-heavy OUT [TASK,TASK,...]
+        tasks = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else ORDER
+        print(generate_mc_study(sys.argv[2], instruct=True, mc_heavy=True, tasks=tasks))
     else:
         for flag, path in (("0", sys.argv[1]), ("1", sys.argv[2])):
             print(generate_mc_study(path, instruct=flag == "1"))
