@@ -4,7 +4,12 @@
 ``shape, mc-shape, corner, mc-digit`` (shape and corner exactly as in the built-in stream, same seeds)
 and a ``pretrain.jsonl`` holding the built-in stream's caption corpus plus captions of the mc-shape
 domain; with ``instruct=True`` it also holds generic instruction-following records on the same held-apart
-images (:func:`cramcl.data.builtin.choice.instruction_samples`).
+images (:func:`cramcl.data.builtin.choice.instruction_samples`). ``tasks`` picks other study tasks (for
+example ``mc-colour``); with shape, mc-shape and corner among them the pretrain corpus stays the same
+(its exclusions follow those three tasks' test images).
+
+    python -m cramcl.data.builtin.mc_study PLAIN_OUT INSTRUCT_OUT
+    python -m cramcl.data.builtin.mc_study --mc-heavy OUT [shape,mc-shape,corner,mc-digit,mc-colour]
 """
 from __future__ import annotations
 
