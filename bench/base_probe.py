@@ -40,13 +40,13 @@ def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
     for r in caption_records(bench):
         found = pattern.search(r["answer"])
         if found and len(colour) < PROBE_SIZE:
-            listed, letter = options(rng, found.group(1), pool)
-            colour.append(Record(f"c{len(colour)}", root / r["image"], attribute_question(stem, listed), letter))
+            opts, letter = options(rng, found.group(1), pool)
+            colour.append(Record(f"c{len(colour)}", root / r["image"], attribute_question(stem, opts), letter))
         if len(bind) < PROBE_SIZE:
             _, _, words = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
             word = words[int(rng.integers(len(words)))]
-            listed, letter = options(rng, word, words)
-            bind.append(Record(f"b{len(bind)}", root / r["image"], binding_question(word, listed, spaced), letter))
+            opts, letter = options(rng, word, words)
+            bind.append(Record(f"b{len(bind)}", root / r["image"], binding_question(word, opts, spaced), letter))
     sets = {"colour": colour, "bind": bind}
     for task in sorted(p.name for p in bench.iterdir() if p.name.startswith("mc-") and (p / "test.jsonl").exists()):
         rows = [json.loads(line) for line in open(bench / task / "test.jsonl")]

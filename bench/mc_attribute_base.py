@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cramcl.data.builtin.choice import COLOUR_WORDS, LETTERS
+from cramcl.data.builtin.choice import COLOUR_WORDS, options_question, shuffled_options
 
-TAIL = "Answer with the letter."
 SHAPES = ("circle", "square", "triangle", "rectangle", "blob")
 DIGITS = tuple(str(d) for d in range(10))
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -41,24 +40,19 @@ ATTRIBUTES = (  # (stem, the caption word it asks about, the option pool)
 )
 
 
-def options(rng: np.random.Generator, correct: str, pool) -> tuple[str, str]:
-    """("A x B y ...", letter of ``correct``): 3 or 4 options, ``correct`` among them, shuffled."""
-    k = int(rng.integers(3, 5))
-    others = [o for o in pool if o != correct]
-    picked = [others[i] for i in rng.permutation(len(others))[: k - 1]]
-    opts = [correct, *picked]
-    opts = [opts[i] for i in rng.permutation(len(opts))]
-    return " ".join(f"{LETTERS[i]} {o}" for i, o in enumerate(opts)), LETTERS[opts.index(correct)]
+def options(rng: np.random.Generator, correct: str, pool) -> tuple[list[str], str]:
+    """(options, letter of ``correct``): 3 or 4 options from ``pool``, ``correct`` among them, shuffled."""
+    return shuffled_options(rng, correct, list(pool), int(rng.integers(3, 5)))
 
 
-def attribute_question(stem: str, listed: str) -> str:
-    return f"{stem} Options: {listed} {TAIL}"
+def attribute_question(stem: str, opts: list[str]) -> str:
+    return options_question(stem, opts)
 
 
-def binding_question(word: str, listed: str, spaced: bool = False) -> str:
+def binding_question(word: str, opts: list[str], spaced: bool = False) -> str:
     """``spaced``: "says red ?" so that the word is the option's token (the tokenizer splits on whitespace
     only, and "red?" is another token than "red")."""
-    return f"Which option says {word}{' ' if spaced else ''}? Options: {listed} {TAIL}"
+    return options_question(f"Which option says {word}{' ' if spaced else ''}?", opts)
 
 
 def caption_records(bench: Path) -> list[dict]:
@@ -83,13 +77,13 @@ def write(src: Path, out: Path, binding: int = 1, spaced: bool = False) -> int:
         for stem, pattern, pool in ATTRIBUTES:
             found = pattern.search(r["answer"])
             if found:
-                listed, letter = options(rng, found.group(1), pool)
-                records.append({"image": r["image"], "question": attribute_question(stem, listed), "answer": letter})
+                opts, letter = options(rng, found.group(1), pool)
+                records.append({"image": r["image"], "question": attribute_question(stem, opts), "answer": letter})
         for _ in range(binding):
             _, _, pool = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
             word = pool[int(rng.integers(len(pool)))]
-            listed, letter = options(rng, word, pool)
-            records.append({"image": r["image"], "question": binding_question(word, listed, spaced),
+            opts, letter = options(rng, word, pool)
+            records.append({"image": r["image"], "question": binding_question(word, opts, spaced),
                             "answer": letter})
     order = np.random.default_rng(5).permutation(len(records))
     with open(out / "pretrain.jsonl", "w") as f:
