@@ -1,7 +1,7 @@
 """`cramcl run` with the tiny backbone's base stage probed every N steps (the MC study, docs/mc-study.md).
 
 The base stage trains exactly as in a plain run (same batches, same cache key: the base is cached for
-later runs with the same thread count); every ``--every`` steps, and after the last, the model answers four
+later runs with the same thread count); every ``--every`` steps, and after the last, the model answers the
 probe sets greedily and one JSON line per probe goes to ``--log``:
 
 * ``colour``: 200 fresh colour multiple choices on the benchmark's captioned base images (new option
