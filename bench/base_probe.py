@@ -63,8 +63,13 @@ def accuracy(backbone, records: list[Record]) -> float:
     return round(100 * hits / len(records), 1)
 
 
-def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False) -> None:
-    """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps."""
+def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False,
+                   reading_first: tuple[int, float] = (0, 0.0)) -> None:
+    """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps.
+
+    ``reading_first = (steps, lr)``: before the base stage proper, train ``steps`` steps at ``lr`` on the
+    corpus's option-reading records only ("Which option says ..."). The result is cached under the plain
+    run's key although it is not what a plain run makes: use a cache of its own (CRAMCL_CACHE)."""
     train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
 
     def probed_train_base(self, corpus, seed, log):
@@ -95,6 +100,12 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
 
             model.forward = counting_forward
             try:
+                if reading_first[0]:
+                    reading = [i for i, r in enumerate(corpus) if r.question.startswith("Which option says")]
+                    train(model, lambda idx: make_batch([reading[i] for i in idx]), len(reading),
+                          reading_first[0], batch_size, reading_first[1], seed_)
+                    probe(-reading_first[0])  # negative step: after the reading stage
+                    model.train()
                 train(model, make_batch, n_records, steps, batch_size, lr, seed_)
             finally:
                 del model.forward
@@ -116,10 +127,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--spaced", action="store_true", help="binding probes as mc_attribute_base --spaced")
+    parser.add_argument("--reading-first", nargs=2, type=float, default=(0, 0.0), metavar=("STEPS", "LR"),
+                        help="train STEPS steps at LR on the reading records first (use a cache of its own)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
     args = parser.parse_args(argv[:split])
     torch.set_num_threads(args.threads)
-    install_probes(args.bench, args.log, args.every, args.spaced)
+    install_probes(args.bench, args.log, args.every, args.spaced,
+                   (int(args.reading_first[0]), args.reading_first[1]))
     from cramcl.cli import main as cramcl_main
 
     return cramcl_main(argv[split + 1:])
