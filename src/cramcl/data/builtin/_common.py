@@ -21,6 +21,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 180),
     "black": (20, 20, 20),
 }
+COLOUR_NAMES = tuple(PALETTE)  # the palette's names in a fixed order, for seeded draws
 
 BACKGROUND = (240, 240, 240)
 

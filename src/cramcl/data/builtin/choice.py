@@ -27,13 +27,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cramcl.data.builtin import digits, patches
-from cramcl.data.builtin._common import PALETTE, Sample, draw_shape, split_rng, unique_samples
+from cramcl.data.builtin._common import COLOUR_NAMES, PALETTE, Sample, draw_shape, split_rng, unique_samples
 from cramcl.data.builtin.scenes import SHAPES
 
 LETTERS = ("A", "B", "C", "D", "E")
 STEM = "Which option matches the picture?"
 TAIL = "Answer with the letter."
-_COLOUR_NAMES = tuple(PALETTE)
 
 
 def options_question(stem: str, options: list[str]) -> str:
@@ -63,7 +62,7 @@ def _shape_on_tint(rng: np.random.Generator, image_size: int) -> tuple[Image.Ima
     h = size / 2
     cx, cy = (float(v) for v in rng.uniform(h + 1, s - h - 1, size=2))
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    colour = _COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]
+    colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
     im = Image.new("RGB", (image_size, image_size), _tint(rng))
     draw_shape(ImageDraw.Draw(im), shape, cx, cy, size, PALETTE[colour])
     return im, shape, colour
@@ -99,7 +98,7 @@ def make_mc_colour(split: str, n: int, task_seed: tuple[int, int], image_size: i
     rng = split_rng(task_seed, split)
     out = []
     for s in patches.make_colour(split, n, task_seed, image_size, exclude):
-        options, letter = shuffled_options(rng, s.answer, list(_COLOUR_NAMES), 4)
+        options, letter = shuffled_options(rng, s.answer, list(COLOUR_NAMES), 4)
         out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
     return out
 
@@ -107,7 +106,7 @@ def make_mc_colour(split: str, n: int, task_seed: tuple[int, int], image_size: i
 # ---------------------------------------------------------------- the base stage's instruction records
 CAPTION_STEM = "Which caption fits the image?"
 COLOUR_STEM = "What colour is it?"
-COLOUR_WORDS = tuple(dict.fromkeys(_COLOUR_NAMES + ("gray", "teal", "brown")))
+COLOUR_WORDS = tuple(dict.fromkeys(COLOUR_NAMES + ("gray", "teal", "brown")))
 _COLOUR_RE = re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b")
 _CORNER_RE = re.compile(r"\b(top|bottom)-(left|right) corner\b")
 _SLOT_RE = re.compile(r"\b(" + "|".join(COLOUR_WORDS + tuple(SHAPES) + (

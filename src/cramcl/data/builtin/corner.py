@@ -11,10 +11,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cramcl.data.builtin import digits, questions
-from cramcl.data.builtin._common import BACKGROUND, PALETTE, Sample, draw_shape, split_rng, unique_samples
+from cramcl.data.builtin._common import BACKGROUND, COLOUR_NAMES, PALETTE, Sample, draw_shape, split_rng, unique_samples
 from cramcl.data.builtin.scenes import SHAPES
-
-_COLOUR_NAMES = tuple(PALETTE)
 
 
 def _spot(rng: np.random.Generator, image_size: int, size: float) -> tuple[str, float, float]:
@@ -43,7 +41,7 @@ def _shape_in_corner(rng: np.random.Generator, image_size: int) -> Sample:
     size = image_size * float(rng.uniform(0.15, 0.25))
     corner, cx, cy = _spot(rng, image_size, size)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    colour = _COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]
+    colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
     im = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw_shape(ImageDraw.Draw(im), shape, cx, cy, size, PALETTE[colour])
     return Sample(questions.CORNER, corner, f"a small {colour} {shape} {_where(corner)}", image=im)

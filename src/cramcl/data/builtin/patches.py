@@ -9,9 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cramcl.data.builtin import questions
-from cramcl.data.builtin._common import PALETTE, Sample, split_rng, unique_samples
-
-_COLOUR_NAMES = tuple(PALETTE)
+from cramcl.data.builtin._common import COLOUR_NAMES, PALETTE, Sample, split_rng, unique_samples
 
 
 def _jitter(rng: np.random.Generator, colour: tuple[int, int, int], amount: int = 20) -> tuple[int, ...]:
@@ -26,7 +24,7 @@ def _noise(rng: np.random.Generator, image_size: int, low: int, high: int) -> Im
 
 def _blob(rng: np.random.Generator, image_size: int) -> Sample:
     """An irregular 7-gon of one palette colour (jittered) on grey noise; answer: the colour's name."""
-    name = _COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]
+    name = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
     s = float(image_size)
     im = _noise(rng, image_size, 140, 230)
     cx, cy = (float(v) for v in rng.uniform(0.35 * s, 0.65 * s, size=2))
@@ -40,7 +38,7 @@ def _blob(rng: np.random.Generator, image_size: int) -> Sample:
 def _stripes(rng: np.random.Generator, image_size: int) -> Sample:
     """2-6 stripes alternating two distinct palette colours; caption "red and blue vertical stripes"
     (the first colour is the top / left stripe's)."""
-    first, second = (_COLOUR_NAMES[int(i)] for i in rng.choice(len(_COLOUR_NAMES), size=2, replace=False))
+    first, second = (COLOUR_NAMES[int(i)] for i in rng.choice(len(COLOUR_NAMES), size=2, replace=False))
     vertical = bool(rng.random() < 0.5)
     n = int(rng.integers(2, 7))
     cuts = np.sort(rng.uniform(0.1, 0.9, size=n - 1)) * image_size

@@ -9,11 +9,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cramcl.data.builtin import questions
-from cramcl.data.builtin._common import BACKGROUND, PALETTE, Sample, draw_shape, split_rng, unique_samples
+from cramcl.data.builtin._common import BACKGROUND, COLOUR_NAMES, PALETTE, Sample, draw_shape, split_rng, unique_samples
 
 MAX_DOTS = 4
 SHAPES = ("circle", "square", "triangle")
-_COLOUR_NAMES = tuple(PALETTE)
 
 
 def _dot_scene(rng: np.random.Generator, image_size: int) -> Sample:
@@ -29,7 +28,7 @@ def _dot_scene(rng: np.random.Generator, image_size: int) -> Sample:
         if all((x - cx) ** 2 + (y - cy) ** 2 >= gap * gap for cx, cy in centres):
             centres.append((x, y))
     for x, y in centres:
-        colour = PALETTE[_COLOUR_NAMES[int(rng.integers(len(_COLOUR_NAMES)))]]
+        colour = PALETTE[COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]]
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
     return Sample(questions.NUMBER, str(n), f"{n} dots", image=im)
 
@@ -44,7 +43,7 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
     im = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(im)
     count = 1 if rng.random() < 1 / 3 else 2
-    colours = [_COLOUR_NAMES[int(i)] for i in rng.choice(len(_COLOUR_NAMES), size=count, replace=False)]
+    colours = [COLOUR_NAMES[int(i)] for i in rng.choice(len(COLOUR_NAMES), size=count, replace=False)]
     shapes = [SHAPES[int(i)] for i in rng.integers(len(SHAPES), size=count)]
     sizes = [s * float(rng.uniform(0.22, 0.32)) for _ in range(count)]
     names = [f"a {c} {sh}" for c, sh in zip(colours, shapes)]
