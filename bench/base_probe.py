@@ -89,26 +89,21 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
 
         def train_with_probes(model, make_batch, n_records, steps, batch_size, lr, seed_):
             calls = {"n": 0}
-            forward = model.forward
 
-            def counting_forward(*args, **kwargs):  # a training forward = one optimizer step
-                if model.training and torch.is_grad_enabled():
+            def counted(make):  # the trainer builds one batch per optimizer step, just before it
+                def make_counted(idx):
                     if calls["n"] and calls["n"] % every == 0:
                         probe(calls["n"])
                     calls["n"] += 1
-                return forward(*args, **kwargs)
+                    return make(idx)
+                return make_counted
 
-            model.forward = counting_forward
-            try:
-                if reading_first[0]:
-                    reading = [i for i, r in enumerate(corpus) if r.question.startswith("Which option says")]
-                    train(model, lambda idx: make_batch([reading[i] for i in idx]), len(reading),
-                          reading_first[0], batch_size, reading_first[1], seed_)
-                    probe(-reading_first[0])  # negative step: after the reading stage
-                    model.train()
-                train(model, make_batch, n_records, steps, batch_size, lr, seed_)
-            finally:
-                del model.forward
+            if reading_first[0]:
+                reading = [i for i, r in enumerate(corpus) if r.question.startswith("Which option says")]
+                train(model, counted(lambda idx: make_batch([reading[i] for i in idx])), len(reading),
+                      reading_first[0], batch_size, reading_first[1], seed_)
+                probe(-reading_first[0])  # negative step: after the reading stage
+            train(model, counted(make_batch), n_records, steps, batch_size, lr, seed_)
             probe(steps)
 
         base_stage._train = train_with_probes

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cramcl.data.builtin import questions
 from cramcl.data.builtin.choice import COLOUR_WORDS, options_question, shuffled_options
 
 SHAPES = ("circle", "square", "triangle", "rectangle", "blob")
 DIGITS = tuple(str(d) for d in range(10))
-CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 ATTRIBUTES = (  # (stem, the caption word it asks about, the option pool)
     ("What colour is it?", re.compile(r"\b(" + "|".join(COLOUR_WORDS) + r")\b"), COLOUR_WORDS),
     ("What shape is it?", re.compile(r"\b(" + "|".join(SHAPES) + r")\b"), SHAPES),
     ("Which number is it?", re.compile(r"\b(\d)\b"), DIGITS),
-    ("Which corner is it in?", re.compile(r"\b((?:top|bottom)-(?:left|right))\b"), CORNERS),
+    ("Which corner is it in?", re.compile(r"\b((?:top|bottom)-(?:left|right))\b"), questions.CORNERS),
 )
 
 

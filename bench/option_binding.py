@@ -26,8 +26,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-WORDS = ("red green blue yellow purple black gray teal brown circle square triangle rectangle blob "
-         "0 1 2 3 4 5 6 7 8 9 top-left top-right bottom-left bottom-right").split()
+from mc_attribute_base import ATTRIBUTES  # bench/ is on the path when this script runs
+
+WORDS = [word for _, _, pool in ATTRIBUTES for word in pool]  # the attribute corpus's option words
 LETTERS = "ABCD"
 
 
