@@ -36,7 +36,7 @@ def _pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str,
     """The built-in stream's caption corpus plus captions of the mc-shape domain."""
     index, mc = _BY_NAME["mc-shape"]
     return pretrain_samples(seed, n, image_size, test_hashes) + mc.make(
-        "pretrain", round(n * mc.pretrain_share), (seed, index), image_size, test_hashes["mc-shape"])
+        "pretrain", round(n * mc.pretrain_share), (seed, index), image_size, test_hashes.get("mc-shape", set()))
 
 
 def generate_mc_study(out_dir: str | Path, *, instruct: bool, mc_heavy: bool = False, seed: int = 0,
