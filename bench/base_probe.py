@@ -32,6 +32,14 @@ from mc_attribute_base import ATTRIBUTES, attribute_question, binding_question, 
 PROBE_SIZE = 200
 
 
+def binding_record(rng: np.random.Generator, rid: str, image: Path, spaced: bool) -> Record:
+    """A fresh binding record on ``image``: a random attribute word among 3-4 shuffled options of its pool."""
+    _, _, words = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+    word = words[int(rng.integers(len(words)))]
+    opts, letter = options(rng, word, words)
+    return Record(rid, image, binding_question(word, opts, spaced), letter)
+
+
 def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
     root = (bench / "images").resolve()
     rng = np.random.default_rng(99)
@@ -43,10 +51,7 @@ def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
             opts, letter = options(rng, found.group(1), pool)
             colour.append(Record(f"c{len(colour)}", root / r["image"], attribute_question(stem, opts), letter))
         if len(bind) < PROBE_SIZE:
-            _, _, words = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
-            word = words[int(rng.integers(len(words)))]
-            opts, letter = options(rng, word, words)
-            bind.append(Record(f"b{len(bind)}", root / r["image"], binding_question(word, opts, spaced), letter))
+            bind.append(binding_record(rng, f"b{len(bind)}", root / r["image"], spaced))
     sets = {"colour": colour, "bind": bind}
     for task in sorted(p.name for p in bench.iterdir() if p.name.startswith("mc-") and (p / "test.jsonl").exists()):
         rows = [json.loads(line) for line in open(bench / task / "test.jsonl")]
@@ -64,12 +69,14 @@ def accuracy(backbone, records: list[Record]) -> float:
 
 
 def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False,
-                   reading_first: tuple[int, float] = (0, 0.0)) -> None:
+                   reading_first: tuple[int, float, int | None] = (0, 0.0, None), fresh: bool = False) -> None:
     """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps.
 
-    ``reading_first = (steps, lr)``: before the base stage proper, train ``steps`` steps at ``lr`` on the
-    corpus's option-reading records only ("Which option says ..."). The result is cached under the plain
-    run's key although it is not what a plain run makes: use a cache of its own (CRAMCL_CACHE)."""
+    ``reading_first = (steps, lr, warmup)``: before the base stage proper, train ``steps`` steps at ``lr``
+    (``warmup`` warm-up steps; None: steps/20 as the base stage) on the corpus's option-reading records
+    only ("Which option says ..."); ``fresh``: new binding records at every step instead of the corpus's.
+    The result is cached under the plain run's key although it is not what a plain run makes: use a cache
+    of its own (CRAMCL_CACHE)."""
     train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
 
     def probed_train_base(self, corpus, seed, log):
@@ -100,8 +107,14 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
 
             if reading_first[0]:
                 reading = [i for i, r in enumerate(corpus) if r.question.startswith("Which option says")]
-                train(model, counted(lambda idx: make_batch([reading[i] for i in idx])), len(reading),
-                      reading_first[0], batch_size, reading_first[1], seed_)
+                make_reading = lambda idx: make_batch([reading[i] for i in idx])  # noqa: E731
+                if fresh:  # new records at every step, on the corpus's images: no pool to memorise
+                    rng, images = np.random.default_rng(seed_ + 1), [corpus[i].image for i in reading]
+                    make_reading = lambda idx: self.collate(  # noqa: E731
+                        [binding_record(rng, "r", images[int(rng.integers(len(images)))], spaced) for _ in idx],
+                        train=True, tensors_only=True)
+                train(model, counted(make_reading), len(reading),
+                      reading_first[0], batch_size, reading_first[1], seed_, reading_first[2])
                 probe(-reading_first[0])  # negative step: after the reading stage
             train(model, counted(make_batch), n_records, steps, batch_size, lr, seed_)
             probe(steps)
@@ -124,11 +137,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--spaced", action="store_true", help="binding probes as mc_attribute_base --spaced")
     parser.add_argument("--reading-first", nargs=2, type=float, default=(0, 0.0), metavar=("STEPS", "LR"),
                         help="train STEPS steps at LR on the reading records first (use a cache of its own)")
+    parser.add_argument("--reading-warmup", type=int, default=None,
+                        help="warm-up steps of the reading stage (default: STEPS/20, as the base stage)")
+    parser.add_argument("--reading-fresh", action="store_true",
+                        help="the reading stage draws new binding records at every step (as option_binding scratch)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
     args = parser.parse_args(argv[:split])
     torch.set_num_threads(args.threads)
     install_probes(args.bench, args.log, args.every, args.spaced,
-                   (int(args.reading_first[0]), args.reading_first[1]))
+                   (int(args.reading_first[0]), args.reading_first[1], args.reading_warmup), args.reading_fresh)
     from cramcl.cli import main as cramcl_main
 
     return cramcl_main(argv[split + 1:])

@@ -44,6 +44,20 @@ def test_mc_colour_options_are_palette_colours_with_the_blobs_own():
     assert {s.answer for s in samples} == {"A", "B", "C", "D"}
 
 
+def test_mc_corner_options_are_the_four_corners_and_the_letter_names_the_shapes_corner():
+    from cramcl.data.builtin import questions
+
+    samples = choice.make_mc_corner("test", 80, (0, 12), 64, set())
+    orders = set()
+    for s in samples:
+        opts = _options(s.question)
+        assert sorted(opts.values()) == sorted(questions.CORNERS)
+        assert s.caption.endswith(f" {opts[s.answer]} corner")  # caption "a small red square in the top-left corner"
+        orders.add(tuple(opts.values()))
+    assert len(orders) > 12
+    assert {s.answer for s in samples} == {"A", "B", "C", "D"}
+
+
 def test_instruction_samples_reuse_images_and_answer_correctly():
     base = choice.make_mc_shape("pretrain", 20, (0, 9), 64, set())
     out = choice.instruction_samples(base, seed=0)

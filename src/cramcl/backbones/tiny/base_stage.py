@@ -43,12 +43,14 @@ def load_or_train_base(model: torch.nn.Module, key: str, make_batch, n_records: 
     return path
 
 
-def _train(model, make_batch, n_records: int, steps: int, batch_size: int, lr: float, seed: int) -> None:
+def _train(model, make_batch, n_records: int, steps: int, batch_size: int, lr: float, seed: int,
+           warmup: int | None = None) -> None:
+    """AdamW with a linear warm-up (``warmup`` steps, default steps/20) and cosine decay to 0 at ``steps``."""
     rng = random.Random(seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
+    warmup = max(1, steps // 20 if warmup is None else warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     order: list[int] = []

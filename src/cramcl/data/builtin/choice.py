@@ -14,6 +14,8 @@ model that finds the matching option can copy the letter before it.
   other digits are the options, shuffled.
 * ``mc-colour``: a colour blob on grey noise (the ``colour`` task's domain); its colour and three other
   palette colours are the options, shuffled.
+* ``mc-corner``: the ``corner`` task's images (a shape in a quadrant); the four corners ("top-left", ...)
+  are the options, shuffled.
 
 :func:`instruction_samples` turns base-corpus captions into generic instruction-following records
 (multiple choice over captions and over colours, yes/no, left/right and top/bottom) on the same held-apart
@@ -26,7 +28,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cramcl.data.builtin import digits, patches
+from cramcl.data.builtin import corner, digits, patches, questions
 from cramcl.data.builtin._common import COLOUR_NAMES, PALETTE, Sample, draw_shape, split_rng, unique_samples
 from cramcl.data.builtin.scenes import SHAPES
 
@@ -99,6 +101,18 @@ def make_mc_colour(split: str, n: int, task_seed: tuple[int, int], image_size: i
     out = []
     for s in patches.make_colour(split, n, task_seed, image_size, exclude):
         options, letter = shuffled_options(rng, s.answer, list(COLOUR_NAMES), 4)
+        out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
+    return out
+
+
+def make_mc_corner(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                   exclude: set[str]) -> list[Sample]:
+    """A shape in a quadrant (the ``corner`` task's images); options: the four corners, shuffled; answer: the
+    letter."""
+    rng = split_rng(task_seed, split)
+    out = []
+    for s in corner.make_corner(split, n, task_seed, image_size, exclude):
+        options, letter = shuffled_options(rng, s.answer, list(questions.CORNERS), len(questions.CORNERS))
         out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
     return out
 

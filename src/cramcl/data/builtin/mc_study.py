@@ -5,7 +5,7 @@
 and a ``pretrain.jsonl`` holding the built-in stream's caption corpus plus captions of the mc-shape
 domain; with ``instruct=True`` it also holds generic instruction-following records on the same held-apart
 images (:func:`cramcl.data.builtin.choice.instruction_samples`). ``tasks`` picks other study tasks (for
-example ``mc-colour``); with shape, mc-shape and corner among them the pretrain corpus stays the same
+example ``mc-colour`` or ``mc-corner``); with shape, mc-shape and corner among them the pretrain corpus stays the same
 (its exclusions follow those three tasks' test images).
 
     python -m cramcl.data.builtin.mc_study PLAIN_OUT INSTRUCT_OUT
@@ -26,6 +26,7 @@ MC_TASKS = (
     BuiltinTask("mc-shape", "choice", "exact", "tinted-shapes", choice.make_mc_shape, 0.1),
     BuiltinTask("mc-digit", "choice", "exact", "digits", choice.make_mc_digit, 0.0),
     BuiltinTask("mc-colour", "choice", "exact", "blobs", choice.make_mc_colour, 0.0),
+    BuiltinTask("mc-corner", "choice", "exact", "corner-shapes", choice.make_mc_corner, 0.0),
 )
 _BY_NAME = {t.name: (i, t) for i, t in enumerate(TASK_INFO)}
 _BY_NAME.update({t.name: (len(TASK_INFO) + i, t) for i, t in enumerate(MC_TASKS)})
