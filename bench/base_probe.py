@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 import cramcl.backbones.tiny.backbone as tiny_backbone
 import cramcl.backbones.tiny.base_stage as base_stage
@@ -69,12 +70,14 @@ def accuracy(backbone, records: list[Record]) -> float:
 
 
 def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False,
-                   reading_first: tuple[int, float, int | None] = (0, 0.0, None), fresh: bool = False) -> None:
+                   reading_first: tuple[int, float, int | None] = (0, 0.0, None), fresh: bool = False,
+                   init_from: Path | None = None) -> None:
     """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps.
 
     ``reading_first = (steps, lr, warmup)``: before the base stage proper, train ``steps`` steps at ``lr``
     (``warmup`` warm-up steps; None: steps/20 as the base stage) on the corpus's option-reading records
     only ("Which option says ..."); ``fresh``: new binding records at every step instead of the corpus's.
+    ``init_from``: a cached base's safetensors to start from (a longer main stage without retraining it).
     The result is cached under the plain run's key although it is not what a plain run makes: use a cache
     of its own (CRAMCL_CACHE)."""
     train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
@@ -105,6 +108,9 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
                     return make(idx)
                 return make_counted
 
+            if init_from is not None:  # continue a cached base instead of starting from random init
+                model.load_state_dict(load_file(str(init_from)), strict=True)
+                probe(0)
             if reading_first[0]:
                 reading = [i for i, r in enumerate(corpus) if r.question.startswith("Which option says")]
                 make_reading = lambda idx: make_batch([reading[i] for i in idx])  # noqa: E731
@@ -141,11 +147,14 @@ def main(argv: list[str]) -> int:
                         help="warm-up steps of the reading stage (default: STEPS/20, as the base stage)")
     parser.add_argument("--reading-fresh", action="store_true",
                         help="the reading stage draws new binding records at every step (as option_binding scratch)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start the base stage from these cached base weights (use a cache of its own)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
     args = parser.parse_args(argv[:split])
     torch.set_num_threads(args.threads)
     install_probes(args.bench, args.log, args.every, args.spaced,
-                   (int(args.reading_first[0]), args.reading_first[1], args.reading_warmup), args.reading_fresh)
+                   (int(args.reading_first[0]), args.reading_first[1], args.reading_warmup), args.reading_fresh,
+                   args.init_from)
     from cramcl.cli import main as cramcl_main
 
     return cramcl_main(argv[split + 1:])
