@@ -12,6 +12,9 @@ probe sets greedily and one JSON line per probe goes to ``--log``:
 
     PYTHONPATH=src:bench python bench/base_probe.py --bench B --log probes.jsonl [--every 250] [--threads 1] \
         -- run --benchmark B/benchmark.yaml --method zero-shot --profile default --out DIR backbone.base_steps=3000
+
+Round 4 of the study adds a reading stage before the base stage (``--reading-first STEPS LR --reading-warmup W``,
+``--reading-fresh``) and ``--init-from`` (continue a cached base); these runs need a CRAMCL_CACHE of their own.
 """
 from __future__ import annotations
 
