@@ -30,18 +30,16 @@ from safetensors.torch import load_file
 
 import cramcl.backbones.tiny.backbone as tiny_backbone
 import cramcl.backbones.tiny.base_stage as base_stage
+from cramcl.data.builtin.choice import options_question
 from cramcl.data.records import Record
-from mc_attribute_base import ATTRIBUTES, attribute_question, binding_question, caption_records, options
+from mc_attribute_base import ATTRIBUTES, caption_records, new_binding, options
 
 PROBE_SIZE = 200
 
 
 def binding_record(rng: np.random.Generator, rid: str, image: Path, spaced: bool) -> Record:
-    """A fresh binding record on ``image``: a random attribute word among 3-4 shuffled options of its pool."""
-    _, _, words = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
-    word = words[int(rng.integers(len(words)))]
-    opts, letter = options(rng, word, words)
-    return Record(rid, image, binding_question(word, opts, spaced), letter)
+    """A fresh binding record on ``image`` (:func:`mc_attribute_base.new_binding`)."""
+    return Record(rid, image, *new_binding(rng, spaced))
 
 
 def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
@@ -53,7 +51,7 @@ def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
         found = pattern.search(r["answer"])
         if found and len(colour) < PROBE_SIZE:
             opts, letter = options(rng, found.group(1), pool)
-            colour.append(Record(f"c{len(colour)}", root / r["image"], attribute_question(stem, opts), letter))
+            colour.append(Record(f"c{len(colour)}", root / r["image"], options_question(stem, opts), letter))
         if len(bind) < PROBE_SIZE:
             bind.append(binding_record(rng, f"b{len(bind)}", root / r["image"], spaced))
     sets = {"colour": colour, "bind": bind}

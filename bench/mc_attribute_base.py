@@ -45,14 +45,19 @@ def options(rng: np.random.Generator, correct: str, pool) -> tuple[list[str], st
     return shuffled_options(rng, correct, list(pool), int(rng.integers(3, 5)))
 
 
-def attribute_question(stem: str, opts: list[str]) -> str:
-    return options_question(stem, opts)
-
-
 def binding_question(word: str, opts: list[str], spaced: bool = False) -> str:
     """``spaced``: "says red ?" so that the word is the option's token (the tokenizer splits on whitespace
     only, and "red?" is another token than "red")."""
     return options_question(f"Which option says {word}{' ' if spaced else ''}?", opts)
+
+
+def new_binding(rng: np.random.Generator, spaced: bool = False) -> tuple[str, str]:
+    """(question, letter) of a new binding record: a random attribute word among 3-4 shuffled options of its
+    pool."""
+    _, _, pool = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+    word = pool[int(rng.integers(len(pool)))]
+    opts, letter = options(rng, word, pool)
+    return binding_question(word, opts, spaced), letter
 
 
 def caption_records(bench: Path) -> list[dict]:
@@ -78,13 +83,10 @@ def write(src: Path, out: Path, binding: int = 1, spaced: bool = False) -> int:
             found = pattern.search(r["answer"])
             if found:
                 opts, letter = options(rng, found.group(1), pool)
-                records.append({"image": r["image"], "question": attribute_question(stem, opts), "answer": letter})
+                records.append({"image": r["image"], "question": options_question(stem, opts), "answer": letter})
         for _ in range(binding):
-            _, _, pool = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
-            word = pool[int(rng.integers(len(pool)))]
-            opts, letter = options(rng, word, pool)
-            records.append({"image": r["image"], "question": binding_question(word, opts, spaced),
-                            "answer": letter})
+            question, letter = new_binding(rng, spaced)
+            records.append({"image": r["image"], "question": question, "answer": letter})
     order = np.random.default_rng(5).permutation(len(records))
     with open(out / "pretrain.jsonl", "w") as f:
         for j, i in enumerate(order):

@@ -82,39 +82,37 @@ def make_mc_shape(split: str, n: int, task_seed: tuple[int, int], image_size: in
     return unique_samples(lambda rng: _mc_shape(rng, image_size), n, split_rng(task_seed, split), exclude)
 
 
+def _as_choices(samples: list[Sample], rng: np.random.Generator, pool: list[str], k: int) -> list[Sample]:
+    """Each sample as a multiple choice: its answer and ``k - 1`` other items of ``pool``, shuffled, under
+    :data:`STEM`; the answer becomes the letter (image and caption kept)."""
+    out = []
+    for s in samples:
+        options, letter = shuffled_options(rng, s.answer, pool, k)
+        out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
+    return out
+
+
 def make_mc_digit(split: str, n: int, task_seed: tuple[int, int], image_size: int,
                   exclude: set[str]) -> list[Sample]:
     """A handwritten digit; options: it and three other digits, shuffled; answer: the letter."""
-    rng = split_rng(task_seed, split)
-    out = []
-    for s in digits.make_digits(split, n, task_seed, image_size, exclude):
-        options, letter = shuffled_options(rng, s.answer, [str(d) for d in range(10)], 4)
-        out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
-    return out
+    return _as_choices(digits.make_digits(split, n, task_seed, image_size, exclude), split_rng(task_seed, split),
+                       [str(d) for d in range(10)], 4)
 
 
 def make_mc_colour(split: str, n: int, task_seed: tuple[int, int], image_size: int,
                    exclude: set[str]) -> list[Sample]:
     """A colour blob on grey noise (the ``colour`` task's images); options: its colour and three other palette
     colours, shuffled; answer: the letter."""
-    rng = split_rng(task_seed, split)
-    out = []
-    for s in patches.make_colour(split, n, task_seed, image_size, exclude):
-        options, letter = shuffled_options(rng, s.answer, list(COLOUR_NAMES), 4)
-        out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
-    return out
+    return _as_choices(patches.make_colour(split, n, task_seed, image_size, exclude), split_rng(task_seed, split),
+                       list(COLOUR_NAMES), 4)
 
 
 def make_mc_corner(split: str, n: int, task_seed: tuple[int, int], image_size: int,
                    exclude: set[str]) -> list[Sample]:
     """A shape in a quadrant (the ``corner`` task's images); options: the four corners, shuffled; answer: the
     letter."""
-    rng = split_rng(task_seed, split)
-    out = []
-    for s in corner.make_corner(split, n, task_seed, image_size, exclude):
-        options, letter = shuffled_options(rng, s.answer, list(questions.CORNERS), len(questions.CORNERS))
-        out.append(Sample(options_question(STEM, options), letter, s.caption, image=s.image))
-    return out
+    return _as_choices(corner.make_corner(split, n, task_seed, image_size, exclude), split_rng(task_seed, split),
+                       list(questions.CORNERS), len(questions.CORNERS))
 
 
 # ---------------------------------------------------------------- the base stage's instruction records
