@@ -61,6 +61,18 @@ def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
     return sets
 
 
+def reshuffled(rng: np.random.Generator, record: Record) -> Record:
+    """An attribute multiple choice of the corpus with a new draw of its options (same image and answer
+    word); any other record unchanged."""
+    for stem, _, pool in ATTRIBUTES:
+        if record.question.startswith(stem + " Options: "):
+            words = record.question[len(stem) + len(" Options: "):].rsplit(" Answer with", 1)[0].split(" ")
+            correct = dict(zip(words[0::2], words[1::2]))[record.answer]
+            opts, letter = options(rng, correct, pool)
+            return Record(record.id, record.image, options_question(stem, opts), letter)
+    return record
+
+
 def accuracy(backbone, records: list[Record]) -> float:
     hits = 0
     for i in range(0, len(records), 100):
@@ -72,13 +84,15 @@ def accuracy(backbone, records: list[Record]) -> float:
 
 def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False,
                    reading_first: tuple[int, float, int | None] = (0, 0.0, None), fresh: bool = False,
-                   init_from: Path | None = None) -> None:
+                   init_from: Path | None = None, image_fresh: bool = False) -> None:
     """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps.
 
     ``reading_first = (steps, lr, warmup)``: before the base stage proper, train ``steps`` steps at ``lr``
     (``warmup`` warm-up steps; None: steps/20 as the base stage) on the corpus's option-reading records
     only ("Which option says ..."); ``fresh``: new binding records at every step instead of the corpus's.
     ``init_from``: a cached base's safetensors to start from (a longer main stage without retraining it).
+    ``image_fresh``: in the base stage proper, every attribute multiple choice gets a new draw of its options
+    each time it is in a batch (no letter to memorise per record).
     The result is cached under the plain run's key although it is not what a plain run makes: use a cache
     of its own (CRAMCL_CACHE)."""
     train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
@@ -123,6 +137,10 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
                 train(model, counted(make_reading), len(reading),
                       reading_first[0], batch_size, reading_first[1], seed_, reading_first[2])
                 probe(-reading_first[0])  # negative step: after the reading stage
+            if image_fresh:
+                rng_fresh = np.random.default_rng(seed_ + 2)
+                make_batch = lambda idx: self.collate(  # noqa: E731
+                    [reshuffled(rng_fresh, corpus[i]) for i in idx], train=True, tensors_only=True)
             train(model, counted(make_batch), n_records, steps, batch_size, lr, seed_)
             probe(steps)
 
@@ -150,12 +168,14 @@ def main(argv: list[str]) -> int:
                         help="the reading stage draws new binding records at every step (as option_binding scratch)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start the base stage from these cached base weights (use a cache of its own)")
+    parser.add_argument("--image-fresh", action="store_true",
+                        help="the base stage proper redraws the options of its attribute multiple choices every step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
     args = parser.parse_args(argv[:split])
     torch.set_num_threads(args.threads)
     install_probes(args.bench, args.log, args.every, args.spaced,
                    (int(args.reading_first[0]), args.reading_first[1], args.reading_warmup), args.reading_fresh,
-                   args.init_from)
+                   args.init_from, args.image_fresh)
     from cramcl.cli import main as cramcl_main
 
     return cramcl_main(argv[split + 1:])

@@ -58,6 +58,20 @@ def test_mc_corner_options_are_the_four_corners_and_the_letter_names_the_shapes_
     assert {s.answer for s in samples} == {"A", "B", "C", "D"}
 
 
+def test_three_option_variants_keep_the_true_answer_among_three_distinct_options():
+    from cramcl.data.builtin import questions
+
+    colour = choice.make_mc_colour3("test", 80, (0, 13), 64, set())
+    corner = choice.make_mc_corner3("test", 80, (0, 14), 64, set())
+    for samples, pool, truth in ((colour, set(PALETTE), lambda s: s.caption.split()[1]),
+                                 (corner, set(questions.CORNERS), lambda s: s.caption.split()[-2])):
+        for s in samples:
+            opts = _options(s.question)
+            assert len(opts) == 3 and len(set(opts.values())) == 3 and set(opts.values()) <= pool
+            assert opts[s.answer] == truth(s)
+        assert {s.answer for s in samples} == {"A", "B", "C"}
+
+
 def test_instruction_samples_reuse_images_and_answer_correctly():
     base = choice.make_mc_shape("pretrain", 20, (0, 9), 64, set())
     out = choice.instruction_samples(base, seed=0)

@@ -115,6 +115,20 @@ def make_mc_corner(split: str, n: int, task_seed: tuple[int, int], image_size: i
                        list(questions.CORNERS), len(questions.CORNERS))
 
 
+def make_mc_colour3(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                    exclude: set[str]) -> list[Sample]:
+    """As :func:`make_mc_colour` with three options (the study's option-count check)."""
+    return _as_choices(patches.make_colour(split, n, task_seed, image_size, exclude), split_rng(task_seed, split),
+                       list(COLOUR_NAMES), 3)
+
+
+def make_mc_corner3(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                    exclude: set[str]) -> list[Sample]:
+    """As :func:`make_mc_corner` with three of the four corners as options."""
+    return _as_choices(corner.make_corner(split, n, task_seed, image_size, exclude), split_rng(task_seed, split),
+                       list(questions.CORNERS), 3)
+
+
 # ---------------------------------------------------------------- the base stage's instruction records
 CAPTION_STEM = "Which caption fits the image?"
 COLOUR_STEM = "What colour is it?"
