@@ -72,6 +72,17 @@ def test_three_option_variants_keep_the_true_answer_among_three_distinct_options
         assert {s.answer for s in samples} == {"A", "B", "C"}
 
 
+def test_fixed_order_corner_choice_keeps_one_option_order_and_names_the_shapes_corner():
+    from cramcl.data.builtin import questions
+
+    samples = choice.make_mc_corner_fixed("test", 80, (0, 16), 64, set())
+    assert len({s.question for s in samples}) == 1
+    for s in samples:
+        assert list(_options(s.question).values()) == list(questions.CORNERS)
+        assert s.caption.endswith(f" {_options(s.question)[s.answer]} corner")
+    assert {s.answer for s in samples} == {"A", "B", "C", "D"}
+
+
 def test_instruction_samples_reuse_images_and_answer_correctly():
     base = choice.make_mc_shape("pretrain", 20, (0, 9), 64, set())
     out = choice.instruction_samples(base, seed=0)

@@ -129,6 +129,17 @@ def make_mc_corner3(split: str, n: int, task_seed: tuple[int, int], image_size: 
                        list(questions.CORNERS), 3)
 
 
+def make_mc_corner_fixed(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                         exclude: set[str]) -> list[Sample]:
+    """As :func:`make_mc_corner` with the four corners always in the same order: the letter is a class label
+    (no option reading needed), which means something else than in the shuffled tasks of the format."""
+    out = []
+    for s in corner.make_corner(split, n, task_seed, image_size, exclude):
+        letter = LETTERS[questions.CORNERS.index(s.answer)]
+        out.append(Sample(options_question(STEM, list(questions.CORNERS)), letter, s.caption, image=s.image))
+    return out
+
+
 # ---------------------------------------------------------------- the base stage's instruction records
 CAPTION_STEM = "Which caption fits the image?"
 COLOUR_STEM = "What colour is it?"

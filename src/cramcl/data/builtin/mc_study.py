@@ -29,6 +29,7 @@ MC_TASKS = (
     BuiltinTask("mc-corner", "choice", "exact", "corner-shapes", choice.make_mc_corner, 0.0),
     BuiltinTask("mc-colour3", "choice", "exact", "blobs", choice.make_mc_colour3, 0.0),
     BuiltinTask("mc-corner3", "choice", "exact", "corner-shapes", choice.make_mc_corner3, 0.0),
+    BuiltinTask("mc-corner-fixed", "choice", "exact", "corner-shapes", choice.make_mc_corner_fixed, 0.0),
 )
 _BY_NAME = {t.name: (i, t) for i, t in enumerate(TASK_INFO)}
 _BY_NAME.update({t.name: (len(TASK_INFO) + i, t) for i, t in enumerate(MC_TASKS)})
