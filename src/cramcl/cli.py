@@ -67,10 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--explain", action="store_true", help="also show how the method routed each record")
     pr.add_argument("--after-task", type=int, help="checkpoint index (default: the last finished task)")
 
-    ex = sub.add_parser("export", help="write one task's expert as a PEFT LoRA adapter directory")
+    ex = sub.add_parser("export", help="write one task's expert as a PEFT LoRA adapter directory, or (--format "
+                                       "base) the run's frozen tiny base as a saved base for backbone.base_path")
     ex.add_argument("--run", required=True, help="run directory")
-    ex.add_argument("--task", required=True, help="the task whose expert to export")
-    ex.add_argument("--format", choices=["peft"], default="peft")
+    ex.add_argument("--task", help="the task whose expert to export (--format peft)")
+    ex.add_argument("--format", choices=["peft", "base"], default="peft")
     ex.add_argument("--after-task", type=int, help="checkpoint index (default: the last finished task)")
     ex.add_argument("out", metavar="OUT", help="a new (or empty) directory")
 
@@ -220,8 +221,15 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from cramcl.engine.export import export_peft
+    from cramcl.engine.export import export_base, export_peft
     from cramcl.engine.session import open_finished_run
+
+    if args.format == "base":
+        out = export_base(Path(args.run), Path(args.out))
+        print(f"done: {out} (use it with backbone.base_path={out}: any stream whose words its vocabulary holds)")
+        return 0
+    if not args.task:
+        raise BadInputError("export: --task is required with --format peft")
 
     session, _, _ = open_finished_run(Path(args.run), args.after_task, log=lambda *a: None)
     out = export_peft(session, args.task, Path(args.out))

@@ -49,6 +49,9 @@ class BackboneConfig:
     base_batch_size: int = 64
     base_lr: float = 2.0e-3
     base_seed: int = 0  # the base stage's own seed: `seed` (and --seeds) vary the continual part, not the base
+    # tiny only: a saved base directory (weights + the vocabulary they were trained with; $VARS and ~ expanded)
+    # loaded instead of training the base stage, for any stream whose words it holds (backbones/tiny/saved_base.py)
+    base_path: str = ""
     max_new_tokens: int = 12
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # hf only: a local transformers image-text-to-text model ($VARS and ~ expanded; nothing is downloaded)

@@ -1,4 +1,5 @@
-"""`cramcl export --format peft`: one task's expert as a PEFT LoRA adapter directory.
+"""`cramcl export`: one task's expert as a PEFT LoRA adapter directory (``--format peft``), or the run's frozen
+tiny base as a saved base directory (``--format base``, :func:`export_base`).
 
 The directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``: every adapted module by its full path
 in the model the adapter loads onto, each module's own rank in ``rank_pattern``) and
@@ -74,3 +75,39 @@ def export_peft(session, task_name: str, out: Path) -> Path:
         "note": "the task's expert alone: routing (groups, centroids, other experts) is not part of a PEFT adapter"},
         indent=1) + "\n")
     return out
+
+
+def export_base(run_dir: Path, out: Path, log=print) -> Path:
+    """Write the frozen base a tiny-backbone run used as a saved base directory at ``out`` (new or empty):
+    load it with ``backbone.base_path=OUT`` (backbones/tiny/saved_base.py). The base comes from the cache
+    (rebuilt with the run's settings and thread count if the cache was cleared); it must have the base key
+    env.json recorded, else nothing is written."""
+    from cramcl.backbones import build_backbone
+    from cramcl.backbones.tiny.saved_base import save_base
+    from cramcl.data.stream import load_stream
+    from cramcl.engine.runner import load_saved_config
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInputError(f"{out}: exists and is not an empty directory; choose another OUT")
+    if not (run_dir / "config.yaml").exists():
+        raise BadInputError(f"{run_dir / 'config.yaml'}: not found; --run must be the directory of a cramcl run")
+    cfg = load_saved_config(run_dir)
+    if cfg.backbone.name != "tiny":
+        raise BadInputError(f"{run_dir}: backbone '{cfg.backbone.name}': --format base exports the tiny backbone's "
+                            "base; a real model's base is the model at backbone.model_path")
+    try:
+        env = json.loads((run_dir / "env.json").read_text())
+        recorded, threads = env["backbone"]["base_stage"], int(env["torch_threads"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise BadInputError(f"{run_dir / 'env.json'}: missing or damaged; cannot tell which base the run used") from None
+    torch.set_num_threads(threads)  # the thread count is part of the base stage's cache key
+    backbone = build_backbone(cfg, load_stream(cfg.data), log=log)
+    if backbone.base_key != recorded:
+        raise BadInputError(f"{run_dir}: the run used base {recorded}, this machine builds {backbone.base_key} "
+                            "(another torch version?); nothing was written")
+    made_by = {"run": str(run_dir.resolve()), "base_stage": recorded, "benchmark": env.get("benchmark", {}),
+               "backbone_config": {k: getattr(cfg.backbone, k) for k in (
+                   "base_steps", "base_batch_size", "base_lr", "base_seed", "base_path")},
+               "torch": torch.__version__, "torch_threads": threads}
+    return save_base(backbone, out, made_by)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from cramcl.backbones.tiny.base_stage import base_stage_key, load_or_train_base
 from cramcl.backbones.tiny.model import Encoder, TinyVLM
+from cramcl.backbones.tiny.saved_base import SavedBase, check_compatible, load_weights
 from cramcl.backbones.tiny.tokenizer import build_word_tokenizer, decode_words, tokenizer_digest
 from cramcl.backbones.tiny.vision import EfficientNetFeatures
 from cramcl.config import BackboneConfig
@@ -16,20 +17,30 @@ from cramcl.data.records import Record
 
 class TinyBackbone:
     def __init__(self, cfg: BackboneConfig, stream_texts: list[str], base_corpus: list[Record], seed: int,
-                 log=print):
+                 log=print, saved: SavedBase | None = None):
         """``stream_texts``: the stream's questions and its *training* answers (test answers never shape
-        the vocabulary)."""
+        the vocabulary). ``saved``: a saved base to load (its vocabulary and weights) instead of building a
+        vocabulary from the texts and training the base stage on ``base_corpus``."""
         self.cfg = cfg
-        texts = list(stream_texts) + [r.question for r in base_corpus] + [r.answer for r in base_corpus]
-        self.tokenizer = build_word_tokenizer(texts)
+        if saved is None:
+            texts = list(stream_texts) + [r.question for r in base_corpus] + [r.answer for r in base_corpus]
+            self.tokenizer = build_word_tokenizer(texts)
+        else:
+            self.tokenizer = saved.tokenizer
         self.vision = EfficientNetFeatures(cfg.image_size)
+        if saved is not None:
+            check_compatible(saved, cfg, self.vision.identity)
         n_img = (cfg.image_size // 32) ** 2
         self.encoder = Encoder(self.tokenizer, n_img)
         torch.manual_seed(seed)
         self.model = TinyVLM(self.tokenizer.get_vocab_size(), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
                              cfg.intermediate_size)
         self.num_layers = cfg.num_layers
-        self._train_base(base_corpus, seed, log)
+        if saved is None:
+            self._train_base(base_corpus, seed, log)
+        else:
+            load_weights(saved, self.model)
+            self.base_key = f"saved:{saved.digest}"
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)  # the base is frozen, as a real pretrained MLLM would be
