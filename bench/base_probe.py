@@ -15,8 +15,8 @@ probe sets greedily and one JSON line per probe goes to ``--log``:
 
 Round 4 of the study adds a reading stage before the base stage (``--reading-first STEPS LR --reading-warmup W``,
 ``--reading-fresh``) and ``--init-from`` (continue a cached base); these runs need a CRAMCL_CACHE of their own.
-Round 5 adds ``--image-fresh`` and ``--vocab-from`` (run new study tasks on a base cached for another
-benchmark with the same corpus).
+Round 5 adds ``--image-fresh``; new study tasks run on a probed base through ``cramcl export --format base``
+and ``backbone.base_path``.
 """
 from __future__ import annotations
 
@@ -155,30 +155,6 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
     tiny_backbone.TinyBackbone._train_base = probed_train_base
 
 
-def fix_vocabulary(bench_yaml: Path) -> None:
-    """Build the tiny backbone's vocabulary from ``bench_yaml``'s stream and corpus, whatever stream is run:
-    a run on another benchmark with the same corpus then finds the base cached for ``bench_yaml`` (same
-    vocabulary digest, same cache key). Words of the run's stream missing from it are listed and refused."""
-    from cramcl.backbones.tiny.tokenizer import build_word_tokenizer
-    from cramcl.data.benchmark import load_benchmark
-    from cramcl.data.records import read_records
-
-    bench = load_benchmark(bench_yaml)
-    corpus, _ = read_records(bench.pretrain_file, bench.image_root)
-    texts = [r.question for t in bench.tasks for r in (*t.train, *t.test)]  # as backbones.build_backbone
-    texts += [r.answer for t in bench.tasks for r in t.train]
-    tok = build_word_tokenizer(texts + [r.question for r in corpus] + [r.answer for r in corpus])
-    vocab = tok.get_vocab()
-
-    def fixed(run_texts: list[str]):
-        missing = sorted({w for t in run_texts for w in t.split() if w not in vocab})
-        if missing:
-            raise SystemExit(f"--vocab-from {bench_yaml}: words not in its vocabulary: {missing[:20]}")
-        return tok
-
-    tiny_backbone.build_word_tokenizer = fixed
-
-
 def main(argv: list[str]) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser()
@@ -196,13 +172,9 @@ def main(argv: list[str]) -> int:
                         help="start the base stage from these cached base weights (use a cache of its own)")
     parser.add_argument("--image-fresh", action="store_true",
                         help="the base stage proper redraws the options of its attribute multiple choices every step")
-    parser.add_argument("--vocab-from", type=Path, default=None,
-                        help="a benchmark YAML whose vocabulary the run uses (reuse its cached base on new tasks)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
     args = parser.parse_args(argv[:split])
     torch.set_num_threads(args.threads)
-    if args.vocab_from is not None:
-        fix_vocabulary(args.vocab_from)
     install_probes(args.bench, args.log, args.every, args.spaced,
                    (int(args.reading_first[0]), args.reading_first[1], args.reading_warmup), args.reading_fresh,
                    args.init_from, args.image_fresh)
