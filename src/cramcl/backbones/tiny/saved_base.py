@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from cramcl.backbones.tiny.tokenizer import UNK
 from cramcl.errors import BadInputError
 
 FORMAT = 1
@@ -88,12 +89,14 @@ def check_compatible(saved: SavedBase, cfg, vision_identity: str) -> None:
 def check_vocabulary(saved: SavedBase, bench) -> None:
     """Every word of every question and answer of the stream must be in the base's vocabulary: an unknown
     word would reach the model as ``<unk>``, and an unknown answer word could never be produced."""
-    vocab = saved.tokenizer.get_vocab()
+    tok = saved.tokenizer
+    unk = tok.token_to_id(UNK)
     problems = []
     for task in bench.tasks:
         for records, path in ((task.train, task.train_file), (task.test, task.test_file)):
-            for record in records:
-                unknown = [w for w in f"{record.question} {record.answer}".split() if w not in vocab]
+            texts = [f"{r.question} {r.answer}" for r in records]
+            for record, text, enc in zip(records, texts, tok.encode_batch(texts, add_special_tokens=False)):
+                unknown = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk]
                 if unknown:
                     problems.append(f"{path}: record '{record.id}': word(s) {', '.join(map(repr, unknown[:5]))} "
                                     f"not in the vocabulary of the saved base {saved.path}")
