@@ -4,7 +4,7 @@ mc-shape and mc-digit inserted (each task: decide on the mean of its first group
 questions, then fold all its train questions into the prototype); then every test record of every task is
 assigned (argmax cosine) and the share landing in its task's group is printed.
 
-    PYTHONPATH=src python bench/mc_grouping.py
+    PYTHONPATH=src python bench/mc_grouping.py [--second mc-corner-fixed]
 """
 from __future__ import annotations
 
@@ -61,9 +61,10 @@ if __name__ == "__main__":
     ap.add_argument("--stem", default=choice.STEM)
     ap.add_argument("--tail", default=choice.TAIL)
     ap.add_argument("--digit-first", action="store_true", help="swap mc-shape and mc-digit in the order")
+    ap.add_argument("--second", default="mc-digit", help="the MC task in mc-digit's place (e.g. mc-corner-fixed)")
     args = ap.parse_args()
     choice.STEM, choice.TAIL = args.stem, args.tail
-    order = ORDER
+    order = tuple(args.second if n == "mc-digit" else n for n in ORDER)
     if args.digit_first:
         swap = {"mc-shape": "mc-digit", "mc-digit": "mc-shape"}
         order = tuple(swap.get(n, n) for n in ORDER)
