@@ -99,7 +99,7 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
     of its own (CRAMCL_CACHE)."""
     train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
 
-    def probed_train_base(self, corpus, seed, log):
+    def probed_train_base(self, corpus, first, seed, log):
         sets = probe_sets(bench, spaced)
         for records in sets.values():
             self.prepare(records)
@@ -148,7 +148,7 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
 
         base_stage._train = train_with_probes
         try:
-            train_base(self, corpus, seed, log)
+            train_base(self, corpus, first, seed, log)
         finally:
             base_stage._train = train
 

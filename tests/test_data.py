@@ -234,3 +234,15 @@ def test_limits_and_pretrain(bench: Path, tmp_path: Path):
     assert [len(t.train) for t in b.tasks] == [1, 1] and [len(t.test) for t in b.tasks] == [0, 0]
     write_jsonl(tmp_path / "pre.jsonl", [{"image": "a.png", "question": "Describe."}])
     assert problems_of(bench) == [f"{tmp_path / 'pre.jsonl'}: record 0: missing 'answer' field"]
+
+
+def test_pretrain_first_is_read_checked_and_needs_pretrain(bench: Path, tmp_path: Path):
+    write_jsonl(tmp_path / "pre.jsonl", [{"image": "a.png", "question": "Describe.", "answer": "red"}])
+    write_jsonl(tmp_path / "first.jsonl", [{"image": "a.png", "question": "Which option says red ?", "answer": "A"}])
+    original = bench.read_text()
+    write_yaml(bench, original.replace("tasks:", "pretrain: pre.jsonl\npretrain_first: first.jsonl\ntasks:"))
+    assert load_benchmark(bench).pretrain_first_file == tmp_path / "first.jsonl"
+    write_jsonl(tmp_path / "first.jsonl", [{"image": "a.png", "answer": "A"}])
+    assert problems_of(bench) == [f"{tmp_path / 'first.jsonl'}: record 0: missing 'question' field"]
+    write_yaml(bench, original.replace("tasks:", "pretrain_first: pre.jsonl\ntasks:"))
+    assert problems_of(bench) == [f"{bench}: 'pretrain_first' needs a 'pretrain' file too (the stage it comes before)"]

@@ -49,6 +49,11 @@ class BackboneConfig:
     base_batch_size: int = 64
     base_lr: float = 2.0e-3
     base_seed: int = 0  # the base stage's own seed: `seed` (and --seeds) vary the continual part, not the base
+    # a first stage on the benchmark's `pretrain_first:` records alone, before the base stage proper (0 = none);
+    # the MC study's option reading needs it at this lr and warm-up (docs/mc-study.md, round 4)
+    base_first_steps: int = 0
+    base_first_lr: float = 5.0e-4
+    base_first_warmup: int = 300
     # tiny only: a saved base directory (weights + the vocabulary they were trained with; $VARS and ~ expanded)
     # loaded instead of training the base stage, for any stream whose words it holds (backbones/tiny/saved_base.py)
     base_path: str = ""

@@ -19,7 +19,9 @@ RANGES = {("train", "steps_per_task"): (1, None), ("train", "epochs_per_task"): 
           ("data", "max_train_per_task"): (1, None), ("data", "max_test_per_task"): (1, None),
           ("backbone", "base_steps"): (0, None), ("backbone", "base_batch_size"): (1, None),
           ("backbone", "base_lr"): (0, None, False), ("backbone", "max_new_tokens"): (1, None),
-          ("backbone", "image_size"): (16, None), ("backbone", "max_length"): (8, None), ("backbone", "base_seed"): (0, None)}
+          ("backbone", "image_size"): (16, None), ("backbone", "max_length"): (8, None), ("backbone", "base_seed"): (0, None),
+          ("backbone", "base_first_steps"): (0, None), ("backbone", "base_first_lr"): (0, None, False),
+          ("backbone", "base_first_warmup"): (0, None)}
 
 
 def _out_of_range(value, bounds) -> bool:

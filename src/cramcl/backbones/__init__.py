@@ -7,7 +7,7 @@ from cramcl.errors import BadInputError
 
 
 def build_backbone(run_cfg, bench, log=print):
-    from cramcl.data.stream import base_corpus
+    from cramcl.data.stream import base_corpora
 
     cfg = run_cfg.backbone
     if cfg.name == "tiny":
@@ -22,7 +22,11 @@ def build_backbone(run_cfg, bench, log=print):
         texts = [r.question for t in bench.tasks for r in (*t.train, *t.test)]
         texts += [r.answer for t in bench.tasks for r in t.train]
         # the base stage stands for a pretrained MLLM: its seed is its own, so runs with other seeds share one base
-        return TinyBackbone(cfg, texts, base_corpus(bench, run_cfg.data), cfg.base_seed, log=log)
+        main, first = base_corpora(bench, run_cfg.data)
+        if cfg.base_first_steps and not first:
+            raise BadInputError(f"backbone.base_first_steps: {cfg.base_first_steps} steps of a first base stage, but "
+                                f"{bench.path} has no 'pretrain_first' records file to train them on")
+        return TinyBackbone(cfg, texts, main, cfg.base_seed, log=log, first_corpus=first)
     if cfg.name == "hf":
         from cramcl.backbones.hf import HFBackbone, HFOptions
 

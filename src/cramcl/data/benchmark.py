@@ -4,6 +4,7 @@
 name: my-stream
 image_root: images          # every image path must stay inside it (default: the YAML's directory)
 pretrain: pretrain.jsonl    # optional: caption records for a base stage
+pretrain_first: reading.jsonl  # optional: records the base stage trains on alone first (backbone.base_first_*)
 tasks:                      # in training order
   - name: shape
     train: shape/train.json
@@ -29,7 +30,7 @@ import yaml
 from cramcl.data.records import Record, read_records
 from cramcl.errors import BadInputError
 
-TOP_KEYS = ("name", "image_root", "tasks", "pretrain")
+TOP_KEYS = ("name", "image_root", "tasks", "pretrain", "pretrain_first")
 TASK_KEYS = ("name", "train", "test", "scorer")
 # Task names end up in file names (predictions/after_<t>/<task>.jsonl), so keep them path-safe.
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -64,6 +65,7 @@ class Benchmark:
     image_root: Path
     tasks: tuple[TaskSpec, ...]
     pretrain_file: Path | None = None
+    pretrain_first_file: Path | None = None  # trained alone before pretrain_file (a curriculum's first stage)
 
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
@@ -208,10 +210,13 @@ def load_benchmark(
     else:
         image_root = (base / root_value).resolve()
 
-    pretrain_file = None
-    if raw.get("pretrain") is not None:
-        pretrain_file = _path_field(str(yaml_path), raw, "pretrain", base, problems)
-        _load_split(str(yaml_path), "pretrain", pretrain_file, image_root, check_images, 0, problems)
+    pretrain = {}
+    for key in ("pretrain", "pretrain_first"):
+        if raw.get(key) is not None:
+            pretrain[key] = _path_field(str(yaml_path), raw, key, base, problems)
+            _load_split(str(yaml_path), key, pretrain[key], image_root, check_images, 0, problems)
+    if "pretrain_first" in pretrain and "pretrain" not in pretrain:
+        problems.append(f"{yaml_path}: 'pretrain_first' needs a 'pretrain' file too (the stage it comes before)")
 
     tasks_raw = raw.get("tasks")
     if tasks_raw is None or tasks_raw == []:
@@ -241,4 +246,4 @@ def load_benchmark(
     if problems:
         raise BadInputError(problems)
     return Benchmark(name=name, path=yaml_path, image_root=image_root, tasks=tuple(tasks),
-                     pretrain_file=pretrain_file)
+                     pretrain_file=pretrain.get("pretrain"), pretrain_first_file=pretrain.get("pretrain_first"))

@@ -53,14 +53,14 @@ def check_stream_images(bench: Benchmark) -> None:
         raise BadInputError(problems)
 
 
-def base_corpus(bench: Benchmark, cfg: DataConfig) -> list[Record]:
-    """Captions for the tiny backbone's base stage: the benchmark's own `pretrain:` file, else the built-in one."""
-    if bench.pretrain_file is not None:
-        path, root = bench.pretrain_file, bench.image_root
-    else:
-        builtin = load_benchmark(builtin_benchmark_path(cfg))
-        path, root = builtin.pretrain_file, builtin.image_root
-    records, problems = read_records(path, root)
-    if problems:
-        raise BadInputError(problems)
-    return records
+def base_corpora(bench: Benchmark, cfg: DataConfig) -> tuple[list[Record], list[Record]]:
+    """(main, first): the tiny backbone's base-stage records, from the benchmark's own `pretrain:` (and
+    `pretrain_first:`) files, else the built-in stream's. ``first`` is empty without a `pretrain_first:` file."""
+    source = bench if bench.pretrain_file is not None else load_benchmark(builtin_benchmark_path(cfg))
+    corpora = []
+    for path in (source.pretrain_file, source.pretrain_first_file):
+        records, problems = read_records(path, source.image_root) if path is not None else ([], [])
+        if problems:
+            raise BadInputError(problems)
+        corpora.append(records)
+    return corpora[0], corpora[1]

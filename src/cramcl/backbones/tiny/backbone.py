@@ -6,7 +6,7 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
-from cramcl.backbones.tiny.base_stage import base_stage_key, load_or_train_base
+from cramcl.backbones.tiny.base_stage import FirstStage, base_stage_key, load_or_train_base
 from cramcl.backbones.tiny.model import Encoder, TinyVLM
 from cramcl.backbones.tiny.saved_base import SavedBase, check_compatible, load_weights
 from cramcl.backbones.tiny.tokenizer import build_word_tokenizer, decode_words, tokenizer_digest
@@ -17,13 +17,15 @@ from cramcl.data.records import Record
 
 class TinyBackbone:
     def __init__(self, cfg: BackboneConfig, stream_texts: list[str], base_corpus: list[Record], seed: int,
-                 log=print, saved: SavedBase | None = None):
+                 log=print, saved: SavedBase | None = None, first_corpus: list[Record] = ()):
         """``stream_texts``: the stream's questions and its *training* answers (test answers never shape
         the vocabulary). ``saved``: a saved base to load (its vocabulary and weights) instead of building a
-        vocabulary from the texts and training the base stage on ``base_corpus``."""
+        vocabulary from the texts and training the base stage on ``base_corpus``. ``first_corpus``: records
+        trained alone first (``backbone.base_first_steps``); their words are in the vocabulary either way."""
         self.cfg = cfg
         if saved is None:
-            texts = list(stream_texts) + [r.question for r in base_corpus] + [r.answer for r in base_corpus]
+            corpus = [*base_corpus, *first_corpus]
+            texts = list(stream_texts) + [r.question for r in corpus] + [r.answer for r in corpus]
             self.tokenizer = build_word_tokenizer(texts)
         else:
             self.tokenizer = saved.tokenizer
@@ -37,7 +39,7 @@ class TinyBackbone:
                              cfg.intermediate_size)
         self.num_layers = cfg.num_layers
         if saved is None:
-            self._train_base(base_corpus, seed, log)
+            self._train_base(base_corpus, list(first_corpus), seed, log)
         else:
             load_weights(saved, self.model)
             self.base_key = f"saved:{saved.digest}"
@@ -49,22 +51,32 @@ class TinyBackbone:
     def language_model(self) -> nn.Module:
         return self.model.lm
 
-    def _train_base(self, corpus: list[Record], seed: int, log) -> None:
-        self.vision.prepare([r.image for r in corpus], desc="image features (base corpus)")
-        corpus_digest = hashlib.sha1("\n".join(
-            f"{self.vision._digest_of[r.image]}\t{r.question}\t{r.answer}" for r in corpus).encode()).hexdigest()
-        key = base_stage_key({
-            "model": [self.cfg.hidden_size, self.cfg.num_layers, self.cfg.num_heads, self.cfg.intermediate_size],
-            "vision": self.vision.identity, "vocab": tokenizer_digest(self.tokenizer), "corpus": corpus_digest,
-            "steps": self.cfg.base_steps, "batch": self.cfg.base_batch_size, "lr": self.cfg.base_lr, "seed": seed,
+    def _train_base(self, corpus: list[Record], first: list[Record], seed: int, log) -> None:
+        cfg = self.cfg
+        self.vision.prepare([r.image for r in corpus + first], desc="image features (base corpus)")
+        parts = {
+            "model": [cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size],
+            "vision": self.vision.identity, "vocab": tokenizer_digest(self.tokenizer), "corpus": self._digest(corpus),
+            "steps": cfg.base_steps, "batch": cfg.base_batch_size, "lr": cfg.base_lr, "seed": seed,
             "torch": torch.__version__,
             # float reductions differ with the thread count: a base trained with 1 thread is not bit-identical
             # to one trained with 2, and near-chance tasks can move by several points between them
-            "threads": torch.get_num_threads()})
-        self.base_key = key
-        load_or_train_base(self.model, key, lambda idx: self.collate([corpus[i] for i in idx], train=True, tensors_only=True),
-                           len(corpus), steps=self.cfg.base_steps, batch_size=self.cfg.base_batch_size,
-                           lr=self.cfg.base_lr, seed=seed, log=log)
+            "threads": torch.get_num_threads()}
+        first_stage = None
+        if cfg.base_first_steps and first:  # only then in the key: keys of bases without it stay as they were
+            parts["first"] = [self._digest(first), cfg.base_first_steps, cfg.base_first_lr, cfg.base_first_warmup]
+            first_stage = FirstStage(self._batch_maker(first), len(first), cfg.base_first_steps, cfg.base_first_lr,
+                                     cfg.base_first_warmup)
+        self.base_key = key = base_stage_key(parts)
+        load_or_train_base(self.model, key, self._batch_maker(corpus), len(corpus), steps=cfg.base_steps,
+                           batch_size=cfg.base_batch_size, lr=cfg.base_lr, seed=seed, log=log, first=first_stage)
+
+    def _digest(self, records: list[Record]) -> str:
+        return hashlib.sha1("\n".join(
+            f"{self.vision._digest_of[r.image]}\t{r.question}\t{r.answer}" for r in records).encode()).hexdigest()
+
+    def _batch_maker(self, records: list[Record]):
+        return lambda idx: self.collate([records[i] for i in idx], train=True, tensors_only=True)
 
     def prepare(self, records: list[Record], desc: str = "image features") -> None:
         self.vision.prepare([r.image for r in records], desc=desc)

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,16 +26,30 @@ def base_stage_key(parts: dict) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
+@dataclass(frozen=True)
+class FirstStage:
+    """A stage trained alone before the base stage proper (``backbone.base_first_*``), same batch size."""
+    make_batch: Callable[[list[int]], dict]
+    n_records: int
+    steps: int
+    lr: float
+    warmup: int
+
+
 def load_or_train_base(model: torch.nn.Module, key: str, make_batch, n_records: int, *, steps: int,
-                       batch_size: int, lr: float, seed: int, log=print) -> Path:
-    """Load cached base weights for ``key`` or train them with ``make_batch(indices) -> dict`` and cache."""
+                       batch_size: int, lr: float, seed: int, log=print, first: FirstStage | None = None) -> Path:
+    """Load cached base weights for ``key`` or train them with ``make_batch(indices) -> dict`` (after
+    ``first``, when given) and cache."""
     path = cache_root() / "base" / f"{key}.safetensors"
     if path.exists():
         model.load_state_dict(load_file(str(path)), strict=True)
         return path
-    log(f"base stage: {steps} steps of image captioning (cached afterwards at {path})")
+    before = f"{first.steps} steps on the first-stage records, then " if first else ""
+    log(f"base stage: {before}{steps} steps of image captioning (cached afterwards at {path})")
     with torch.random.fork_rng():  # leave the caller's random state as a cache hit would
         torch.manual_seed(seed)
+        if first is not None:
+            _train(model, first.make_batch, first.n_records, first.steps, batch_size, first.lr, seed, first.warmup)
         _train(model, make_batch, n_records, steps, batch_size, lr, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
