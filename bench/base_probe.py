@@ -13,10 +13,11 @@ probe sets greedily and one JSON line per probe goes to ``--log``:
     PYTHONPATH=src:bench python bench/base_probe.py --bench B --log probes.jsonl [--every 250] [--threads 1] \
         -- run --benchmark B/benchmark.yaml --method zero-shot --profile default --out DIR backbone.base_steps=3000
 
-Round 4 of the study adds a reading stage before the base stage (``--reading-first STEPS LR --reading-warmup W``,
-``--reading-fresh``) and ``--init-from`` (continue a cached base); these runs need a CRAMCL_CACHE of their own.
-Round 5 adds ``--image-fresh``; new study tasks run on a probed base through ``cramcl export --format base``
-and ``backbone.base_path``.
+The option-reading stage of rounds 4 and 5 is the base's first stage: a benchmark written by
+``mc_attribute_base.py`` names its binding records as ``pretrain_first: reading.jsonl``, and
+``backbone.base_first_steps=2000 backbone.base_first_lr=5e-4 backbone.base_first_warmup=300`` trains them
+alone first (bit-identical to the ``--reading-first`` flag this script had before). ``--init-from``
+(continue a cached base) and ``--image-fresh`` (round 5) need a CRAMCL_CACHE of their own.
 """
 from __future__ import annotations
 
@@ -85,24 +86,23 @@ def accuracy(backbone, records: list[Record]) -> float:
 
 
 def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False,
-                   reading_first: tuple[int, float, int | None] = (0, 0.0, None), fresh: bool = False,
                    init_from: Path | None = None, image_fresh: bool = False) -> None:
-    """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps.
+    """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps (one count
+    over the first stage, when ``backbone.base_first_steps`` runs one, and the base stage proper), and after
+    each stage (the first stage's end logged as step ``-steps``).
 
-    ``reading_first = (steps, lr, warmup)``: before the base stage proper, train ``steps`` steps at ``lr``
-    (``warmup`` warm-up steps; None: steps/20 as the base stage) on the corpus's option-reading records
-    only ("Which option says ..."); ``fresh``: new binding records at every step instead of the corpus's.
     ``init_from``: a cached base's safetensors to start from (a longer main stage without retraining it).
     ``image_fresh``: in the base stage proper, every attribute multiple choice gets a new draw of its options
-    each time it is in a batch (no letter to memorise per record).
-    The result is cached under the plain run's key although it is not what a plain run makes: use a cache
-    of its own (CRAMCL_CACHE)."""
+    each time it is in a batch (no letter to memorise per record). With either, the result is cached under
+    the plain run's key although it is not what a plain run makes: use a cache of its own (CRAMCL_CACHE)."""
     train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
 
     def probed_train_base(self, corpus, first, seed, log):
         sets = probe_sets(bench, spaced)
         for records in sets.values():
             self.prepare(records)
+        stages = ["first", "main"] if self.cfg.base_first_steps and first else ["main"]
+        calls = {"n": 0}
 
         @torch.no_grad()
         def probe(step: int) -> None:
@@ -114,37 +114,25 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
             print("PROBE", row, flush=True)
             self.model.train(was_training)
 
-        def train_with_probes(model, make_batch, n_records, steps, batch_size, lr, seed_):
-            calls = {"n": 0}
+        def counted(make):  # the trainer builds one batch per optimizer step, just before it
+            def make_counted(idx):
+                if calls["n"] and calls["n"] % every == 0:
+                    probe(calls["n"])
+                calls["n"] += 1
+                return make(idx)
+            return make_counted
 
-            def counted(make):  # the trainer builds one batch per optimizer step, just before it
-                def make_counted(idx):
-                    if calls["n"] and calls["n"] % every == 0:
-                        probe(calls["n"])
-                    calls["n"] += 1
-                    return make(idx)
-                return make_counted
-
-            if init_from is not None:  # continue a cached base instead of starting from random init
+        def train_with_probes(model, make_batch, n_records, steps, batch_size, lr, seed_, warmup=None):
+            stage = stages.pop(0)
+            if init_from is not None and calls["n"] == 0:  # continue a cached base instead of random init
                 model.load_state_dict(load_file(str(init_from)), strict=True)
                 probe(0)
-            if reading_first[0]:
-                reading = [i for i, r in enumerate(corpus) if r.question.startswith("Which option says")]
-                make_reading = lambda idx: make_batch([reading[i] for i in idx])  # noqa: E731
-                if fresh:  # new records at every step, on the corpus's images: no pool to memorise
-                    rng, images = np.random.default_rng(seed_ + 1), [corpus[i].image for i in reading]
-                    make_reading = lambda idx: self.collate(  # noqa: E731
-                        [binding_record(rng, "r", images[int(rng.integers(len(images)))], spaced) for _ in idx],
-                        train=True, tensors_only=True)
-                train(model, counted(make_reading), len(reading),
-                      reading_first[0], batch_size, reading_first[1], seed_, reading_first[2])
-                probe(-reading_first[0])  # negative step: after the reading stage
-            if image_fresh:
+            if stage == "main" and image_fresh:
                 rng_fresh = np.random.default_rng(seed_ + 2)
                 make_batch = lambda idx: self.collate(  # noqa: E731
                     [reshuffled(rng_fresh, corpus[i]) for i in idx], train=True, tensors_only=True)
-            train(model, counted(make_batch), n_records, steps, batch_size, lr, seed_)
-            probe(steps)
+            train(model, counted(make_batch), n_records, steps, batch_size, lr, seed_, warmup)
+            probe(-steps if stage == "first" else steps)
 
         base_stage._train = train_with_probes
         try:
@@ -162,12 +150,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--spaced", action="store_true", help="binding probes as mc_attribute_base --spaced")
-    parser.add_argument("--reading-first", nargs=2, type=float, default=(0, 0.0), metavar=("STEPS", "LR"),
-                        help="train STEPS steps at LR on the reading records first (use a cache of its own)")
-    parser.add_argument("--reading-warmup", type=int, default=None,
-                        help="warm-up steps of the reading stage (default: STEPS/20, as the base stage)")
-    parser.add_argument("--reading-fresh", action="store_true",
-                        help="the reading stage draws new binding records at every step (as option_binding scratch)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start the base stage from these cached base weights (use a cache of its own)")
     parser.add_argument("--image-fresh", action="store_true",
@@ -175,9 +157,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
     args = parser.parse_args(argv[:split])
     torch.set_num_threads(args.threads)
-    install_probes(args.bench, args.log, args.every, args.spaced,
-                   (int(args.reading_first[0]), args.reading_first[1], args.reading_warmup), args.reading_fresh,
-                   args.init_from, args.image_fresh)
+    install_probes(args.bench, args.log, args.every, args.spaced, args.init_from, args.image_fresh)
     from cramcl.cli import main as cramcl_main
 
     return cramcl_main(argv[split + 1:])

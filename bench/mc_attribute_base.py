@@ -88,9 +88,15 @@ def write(src: Path, out: Path, binding: int = 1, spaced: bool = False) -> int:
             question, letter = new_binding(rng, spaced)
             records.append({"image": r["image"], "question": question, "answer": letter})
     order = np.random.default_rng(5).permutation(len(records))
+    rows = [{**records[i], "id": f"pretrain-{j:05d}"} for j, i in enumerate(order)]
     with open(out / "pretrain.jsonl", "w") as f:
-        for j, i in enumerate(order):
-            f.write(json.dumps({**records[i], "id": f"pretrain-{j:05d}"}) + "\n")
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+    # the binding records again, in corpus order, as the base's first stage (pretrain_first + backbone.base_first_*)
+    with open(out / "reading.jsonl", "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows if row["question"].startswith("Which option says")))
+    yaml_text = (out / "benchmark.yaml").read_text()
+    (out / "benchmark.yaml").write_text(yaml_text.replace("\npretrain: pretrain.jsonl\n",
+                                                          "\npretrain: pretrain.jsonl\npretrain_first: reading.jsonl\n"))
     return len(records)
 
 
