@@ -37,6 +37,7 @@ def test_another_task_list_runs_on_the_exported_weights_and_vocabulary(saved_bas
     meta = json.loads((saved_base / "base.json").read_text())
     run_env = json.loads((finished_run / "env.json").read_text())
     assert meta["made_by"]["base_stage"] == run_env["backbone"]["base_stage"]
+    assert meta["made_by"]["backbone_config"]["base_first_steps"] == 0  # the whole recipe, first stage included
     # one task only: built from the stream, this vocabulary (and so the base) would be another one
     own, _ = _build(["data.tasks=shape"])
     backbone, log = _build(["data.tasks=shape", f"backbone.base_path={saved_base}"])

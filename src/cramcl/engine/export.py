@@ -108,6 +108,7 @@ def export_base(run_dir: Path, out: Path, log=print) -> Path:
                             "(another torch version?); nothing was written")
     made_by = {"run": str(run_dir.resolve()), "base_stage": recorded, "benchmark": env.get("benchmark", {}),
                "backbone_config": {k: getattr(cfg.backbone, k) for k in (
-                   "base_steps", "base_batch_size", "base_lr", "base_seed", "base_path")},
+                   "base_steps", "base_batch_size", "base_lr", "base_seed", "base_first_steps", "base_first_lr",
+                   "base_first_warmup", "base_path")},
                "torch": torch.__version__, "torch_threads": threads}
     return save_base(backbone, out, made_by)
