@@ -134,12 +134,17 @@ def report_sections(method) -> list[tuple[str, str]]:
         for c in method.routing_checks:
             task = method.task_names[c["task"]] if c["task"] < len(method.task_names) else c["task"]
             rows.append(f"| {task} | {c['group']} | {c['experts']} | {c['own_weight']:.3f} | {c['uniform']:.3f} | "
-                        f"{100 * c['separable']:.0f}% | {c['sigma']} | {c['sigma_for_0_9']} | "
+                        f"{100 * c['separable']:.0f}% | {_short(c['sigma'])} | {_short(c['sigma_for_0_9'])} | "
                         f"{'**near uniform: sigma too large**' if c['near_uniform'] else ''} |")
         sections.append(("CRAM: routing check at the start of each stable phase in a shared group",
                          "The new expert's centroids (at c_buf) on the task's own training images, before the "
                          "stable phase trains them.\n\n" + "\n".join(rows)))
     return sections
+
+
+def _short(value):
+    """A measured float as 4 significant digits (a sigma of 0.08045388658525746 reads as 0.08045)."""
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 @torch.no_grad()
