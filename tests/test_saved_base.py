@@ -123,3 +123,24 @@ def test_export_base_refuses_a_non_empty_out_and_a_saved_base_needs_the_tiny_bac
     assert (tmp_path / "keep.txt").read_text() == "mine" and not (tmp_path / "base.safetensors").exists()
     assert "not an empty directory" in capsys.readouterr().err
     assert_refused("lora-ft", ["backbone.name=hf", "backbone.base_path=/x"], "for the tiny backbone only")
+
+
+def test_resume_refuses_a_saved_base_whose_weights_changed(saved_base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cramcl.engine.runner import run_stream
+    from cramcl.errors import BadInputError
+
+    base = tmp_path / "base"
+    shutil.copytree(saved_base, base)
+    cfg = quick_config(extra=["data.tasks=shape,colour", f"backbone.base_path={base}"])
+    out = tmp_path / "run"
+    run_stream(cfg, out, log=LogSink(), stop_after_task=0)
+    state = load_file(str(base / "base.safetensors"))
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3  # the same path, other weights
+    save_file(state, str(base / "base.safetensors"))
+    with pytest.raises(BadInputError) as e:
+        run_stream(cfg, out, resume=True, log=LogSink())
+    assert "env.json" in str(e.value) and "resuming would mix two bases" in str(e.value)
+    assert json.loads((out / "env.json").read_text())["backbone"]["base_stage"].startswith("saved:")

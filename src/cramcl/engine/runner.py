@@ -9,6 +9,7 @@ that task continues from it instead of from its first step, with the same result
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -156,6 +157,20 @@ def evaluate_tasks(session, tasks, pred_dir: Path, after_task: int = 0) -> dict[
     return scores
 
 
+def check_same_base(out: Path, backbone) -> None:
+    """A resumed run must continue on the frozen base it started on: a saved base whose files changed, or a
+    cached base stage rebuilt under another torch version or thread count, would mix two bases in one run."""
+    try:
+        recorded = json.loads((out / "env.json").read_text())["backbone"].get("base_stage")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no record to compare (an interrupted start): nothing trained on any base yet
+    current = backbone.describe().get("base_stage")
+    if recorded is not None and current != recorded:
+        raise BadInputError(f"{out / 'env.json'}: the run started on base {recorded}, this resume builds {current} "
+                            "(the saved base at backbone.base_path changed, or torch or the thread count differ); "
+                            "resuming would mix two bases, start a new run instead")
+
+
 def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, stop_after_task: int | None = None,
                asked: dict | None = None, force: bool = False) -> dict:
     """Run the whole stream; returns the final ``matrix.json`` dict. ``stop_after_task`` (tests) simulates an
@@ -171,6 +186,8 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
     bench, accelerator, backbone, method = session.bench, session.accelerator, session.backbone, session.method
     tasks = list(bench.tasks)
     names = [t.name for t in tasks]
+    if resume:
+        check_same_base(out, backbone)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml_atomic(out / "config.yaml", cfg.to_dict())
