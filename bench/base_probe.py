@@ -33,19 +33,23 @@ from safetensors.torch import load_file
 
 import cramcl.backbones.tiny.backbone as tiny_backbone
 import cramcl.backbones.tiny.base_stage as base_stage
-from cramcl.data.builtin.choice import options_question
+from cramcl.data.builtin.choice import TAIL, options_question
+from cramcl.data.builtin.reading import ATTRIBUTES, new_binding
+from cramcl.data.builtin.reading import some_options as options
 from cramcl.data.records import Record
-from mc_attribute_base import ATTRIBUTES, caption_records, new_binding, options
+from mc_attribute_base import caption_records
 
 PROBE_SIZE = 200
 
 
-def binding_record(rng: np.random.Generator, rid: str, image: Path, spaced: bool) -> Record:
-    """A fresh binding record on ``image`` (:func:`mc_attribute_base.new_binding`)."""
-    return Record(rid, image, *new_binding(rng, spaced))
+def binding_record(rng: np.random.Generator, rid: str, image: Path, spaced: bool, tail: str = TAIL) -> Record:
+    """A fresh binding record on ``image`` (:func:`cramcl.data.builtin.reading.new_binding`)."""
+    return Record(rid, image, *new_binding(rng, spaced, tail))
 
 
-def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
+def probe_sets(bench: Path, spaced: bool = False, tail: str = TAIL) -> dict[str, list[Record]]:
+    """``tail``: the text after the options, as the corpus writes it (the study's unless given; the built-in
+    stream's corpus ends its multiple choices with ``questions.CHOICE_TAIL``)."""
     root = (bench / "images").resolve()
     rng = np.random.default_rng(99)
     colour, bind = [], []
@@ -54,9 +58,9 @@ def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
         found = pattern.search(r["answer"])
         if found and len(colour) < PROBE_SIZE:
             opts, letter = options(rng, found.group(1), pool)
-            colour.append(Record(f"c{len(colour)}", root / r["image"], options_question(stem, opts), letter))
+            colour.append(Record(f"c{len(colour)}", root / r["image"], options_question(stem, opts, tail), letter))
         if len(bind) < PROBE_SIZE:
-            bind.append(binding_record(rng, f"b{len(bind)}", root / r["image"], spaced))
+            bind.append(binding_record(rng, f"b{len(bind)}", root / r["image"], spaced, tail))
     sets = {"colour": colour, "bind": bind}
     for task in sorted(p.name for p in bench.iterdir() if p.name.startswith("mc-") and (p / "test.jsonl").exists()):
         rows = [json.loads(line) for line in open(bench / task / "test.jsonl")]
@@ -64,15 +68,15 @@ def probe_sets(bench: Path, spaced: bool = False) -> dict[str, list[Record]]:
     return sets
 
 
-def reshuffled(rng: np.random.Generator, record: Record) -> Record:
+def reshuffled(rng: np.random.Generator, record: Record, tail: str = TAIL) -> Record:
     """An attribute multiple choice of the corpus with a new draw of its options (same image and answer
     word); any other record unchanged."""
     for stem, _, pool in ATTRIBUTES:
         if record.question.startswith(stem + " Options: "):
-            words = record.question[len(stem) + len(" Options: "):].rsplit(" Answer with", 1)[0].split(" ")
+            words = record.question[len(stem) + len(" Options: "):].rsplit(" " + tail, 1)[0].split(" ")
             correct = dict(zip(words[0::2], words[1::2]))[record.answer]
             opts, letter = options(rng, correct, pool)
-            return Record(record.id, record.image, options_question(stem, opts), letter)
+            return Record(record.id, record.image, options_question(stem, opts, tail), letter)
     return record
 
 
@@ -86,7 +90,7 @@ def accuracy(backbone, records: list[Record]) -> float:
 
 
 def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False,
-                   init_from: Path | None = None, image_fresh: bool = False) -> None:
+                   init_from: Path | None = None, image_fresh: bool = False, tail: str = TAIL) -> None:
     """Wrap the base stage's trainer so that it probes the model every ``every`` optimizer steps (one count
     over the first stage, when ``backbone.base_first_steps`` runs one, and the base stage proper), and after
     each stage (the first stage's end logged as step ``-steps``).
@@ -98,7 +102,7 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
     train_base, train = tiny_backbone.TinyBackbone._train_base, base_stage._train
 
     def probed_train_base(self, corpus, first, seed, log):
-        sets = probe_sets(bench, spaced)
+        sets = probe_sets(bench, spaced, tail)
         for records in sets.values():
             self.prepare(records)
         stages = ["first", "main"] if self.cfg.base_first_steps and first else ["main"]
@@ -130,7 +134,7 @@ def install_probes(bench: Path, log_path: Path, every: int, spaced: bool = False
             if stage == "main" and image_fresh:
                 rng_fresh = np.random.default_rng(seed_ + 2)
                 make_batch = lambda idx: self.collate(  # noqa: E731
-                    [reshuffled(rng_fresh, corpus[i]) for i in idx], train=True, tensors_only=True)
+                    [reshuffled(rng_fresh, corpus[i], tail) for i in idx], train=True, tensors_only=True)
             train(model, counted(make_batch), n_records, steps, batch_size, lr, seed_, warmup)
             probe(-steps if stage == "first" else steps)
 
@@ -155,9 +159,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--image-fresh", action="store_true",
                         help="the base stage proper redraws the options of its attribute multiple choices every step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (part of the base's cache key)")
+    parser.add_argument("--tail", default=TAIL, help="the corpus's text after the options (the built-in stream: "
+                        "'Reply with the letter of the correct option.')")
     args = parser.parse_args(argv[:split])
     torch.set_num_threads(args.threads)
-    install_probes(args.bench, args.log, args.every, args.spaced, args.init_from, args.image_fresh)
+    install_probes(args.bench, args.log, args.every, args.spaced, args.init_from, args.image_fresh, args.tail)
     from cramcl.cli import main as cramcl_main
 
     return cramcl_main(argv[split + 1:])

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from cramcl.config import resolve_config
-from cramcl.data.builtin import TASK_INFO
-from cramcl.data.builtin.mc_study import MC_TASKS
+from cramcl.data.builtin.mc_study import MC_TASKS, V4_TASKS
 from cramcl.encoders import TextEncoder
 from cramcl.methods.cram import CramConfig
 from cramcl.routing.groups import InstructionGroups, cosine_to_prototypes
@@ -26,8 +25,8 @@ def main(order=ORDER) -> None:
     cfg = CramConfig(**resolve_config(method="cram", profile="default").method_args)
     groups = InstructionGroups(cfg.join_threshold, cfg.theta, cfg.max_groups)
     encoder = TextEncoder("minilm")
-    tasks = {t.name: (i, t) for i, t in enumerate(TASK_INFO)}
-    tasks.update({t.name: (len(TASK_INFO) + i, t) for i, t in enumerate(MC_TASKS)})
+    tasks = {t.name: (i, t) for i, t in enumerate(V4_TASKS)}
+    tasks.update({t.name: (len(V4_TASKS) + i, t) for i, t in enumerate(MC_TASKS)})
     group_of, tests = {}, {}
     for name in order:
         index, task = tasks[name]

@@ -26,7 +26,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mc_attribute_base import ATTRIBUTES  # bench/ is on the path when this script runs
+from cramcl.data.builtin.reading import ATTRIBUTES
 
 WORDS = [word for _, _, pool in ATTRIBUTES for word in pool]  # the attribute corpus's option words
 LETTERS = "ABCD"

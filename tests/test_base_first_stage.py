@@ -13,11 +13,12 @@ FIRST_QUESTION = "Which option says {} ? Options: A {} B {} Answer with the lett
 
 
 def _bench_with_first(tmp_path: Path) -> Path:
-    """The quick stream's shape task and the built-in captions, plus 12 option-reading records."""
+    """The quick stream's shape task and the built-in corpus's captions, plus 12 option-reading records."""
     from cramcl.data.stream import builtin_benchmark_path
 
     root = builtin_benchmark_path(quick_config().data).parent
-    captions = [json.loads(line) for line in open(root / "pretrain.jsonl")]
+    captions = [r for r in map(json.loads, open(root / "pretrain.jsonl")) if r["question"] == "Describe the image."]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
     rows = []
     for i, r in enumerate(captions[:12]):
         word, other = ("red", "blue") if i % 2 else ("blue", "red")
@@ -26,7 +27,8 @@ def _bench_with_first(tmp_path: Path) -> Path:
                      "answer": "A" if options[0] == word else "B"})
     (tmp_path / "first.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "b.yaml").write_text(
-        f"name: first\nimage_root: {root / 'images'}\npretrain: {root / 'pretrain.jsonl'}\npretrain_first: first.jsonl\n"
+        f"name: first\nimage_root: {root / 'images'}\npretrain: captions.jsonl\n"
+        "pretrain_first: first.jsonl\n"
         f"tasks:\n  - name: shape\n    train: {root / 'shape' / 'train.json'}\n    test: {root / 'shape' / 'test.jsonl'}\n"
         "    scorer: exact\n")
     return tmp_path / "b.yaml"
@@ -82,13 +84,11 @@ def test_a_first_stage_base_trains_and_is_cached(tmp_path, monkeypatch):
         assert (value == again.model.state_dict()[name]).all()
 
 
-def test_first_stage_steps_without_first_stage_records_are_bad_input():
+def test_first_stage_steps_without_first_stage_records_are_bad_input(tmp_path):
     from cramcl.errors import BadInputError
 
+    bench = _bench_with_first(tmp_path)
+    bench.write_text(bench.read_text().replace("pretrain_first: first.jsonl\n", ""))
     with pytest.raises(BadInputError) as e:
-        from cramcl.backbones import build_backbone
-        from cramcl.data.stream import load_stream
-
-        cfg = quick_config(extra=["backbone.base_first_steps=10"])
-        build_backbone(cfg, load_stream(cfg.data), log=LogSink())
+        _build(bench, ["backbone.base_first_steps=10"])
     assert "no 'pretrain_first' records file" in str(e.value)

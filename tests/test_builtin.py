@@ -12,13 +12,15 @@ import pytest
 from PIL import Image
 
 from cramcl.data.benchmark import load_benchmark
-from cramcl.data.builtin import BUILTIN_TASKS, TASK_INFO, digits, generate_builtin
+from cramcl.data.builtin import BUILTIN_TASKS, TASK_INFO, digits, generate_builtin, questions
 from cramcl.data.validate import validate_benchmark
 from cramcl.errors import BadInputError
 
-ORDER = ["shape", "digits", "corner", "caption", "colour", "ocr", "digit-corner", "count", "stripes"]
+ORDER = ["shape", "digits", "corner", "mc-shape", "caption", "colour", "ocr", "digit-corner", "mc-corner-fixed",
+         "count", "stripes"]
 FORMATS = {"shape": "name", "colour": "name", "digits": "number", "ocr": "number", "count": "number",
-           "corner": "corner", "digit-corner": "corner", "caption": "caption", "stripes": "caption"}
+           "corner": "corner", "digit-corner": "corner", "caption": "caption", "stripes": "caption",
+           "mc-shape": "choice", "mc-corner-fixed": "choice"}
 SIZES = dict(n_train=20, n_test=10, n_pretrain=40)
 
 
@@ -42,11 +44,19 @@ def bench(built):
     return load_benchmark(built)
 
 
-def test_nine_tasks_in_order(bench):
+def template(question: str) -> str:
+    """A question without its options (a multiple choice lists them per record, then the format's tail)."""
+    stem, listed, options = question.partition(" Options: ")
+    if listed and options.endswith(" " + questions.CHOICE_TAIL):
+        return f"{stem} Options: ... {questions.CHOICE_TAIL}"
+    return question
+
+
+def test_eleven_tasks_in_order(bench):
     assert list(BUILTIN_TASKS) == ORDER
     assert bench.task_names() == ORDER
-    assert [len(t.train) for t in bench.tasks] == [20] * 9
-    assert [len(t.test) for t in bench.tasks] == [10] * 9
+    assert [len(t.train) for t in bench.tasks] == [20] * 11
+    assert [len(t.test) for t in bench.tasks] == [10] * 11
     assert {t.name: t.scorer for t in bench.tasks} == {
         name: "caption" if FORMATS[name] == "caption" else "exact" for name in ORDER}
     assert {t.name: t.format for t in TASK_INFO} == FORMATS
@@ -56,15 +66,15 @@ def test_nine_tasks_in_order(bench):
 
 
 def test_formats_share_one_template_and_interleave(bench):
-    """Every task of a format asks the same question; formats ask different ones; each format's later
-    tasks arrive after another format has trained."""
-    templates = {t.name: {r.question for r in t.train + t.test} for t in bench.tasks}
+    """Every task of a format asks the same question (a multiple choice: the same stem and tail around its
+    options); formats ask different ones; each format's later tasks arrive after another format has trained."""
+    templates = {t.name: {template(r.question) for r in t.train + t.test} for t in bench.tasks}
     assert all(len(qs) == 1 for qs in templates.values()), templates
     by_format: dict[str, set[str]] = {}
     for name, qs in templates.items():
         by_format.setdefault(FORMATS[name], set()).update(qs)
     assert all(len(qs) == 1 for qs in by_format.values()), by_format
-    assert len(set.union(*by_format.values())) == 4  # four formats, four distinct questions
+    assert len(set.union(*by_format.values())) == 5  # five formats, five distinct questions
     assert all(sum(f == fmt for f in FORMATS.values()) >= 2 for fmt in by_format)
     formats = [FORMATS[name] for name in ORDER]
     assert all(a != b for a, b in zip(formats, formats[1:]))  # never two tasks of a format in a row
@@ -112,6 +122,30 @@ def test_answers_fit_each_task(bench):
                for a in answers["stripes"])
 
 
+def listed_options(question: str) -> dict[str, str]:
+    """letter -> option of a multiple choice."""
+    words = question.partition(" Options: ")[2].removesuffix(" " + questions.CHOICE_TAIL).split(" ")
+    return dict(zip(words[0::2], words[1::2]))
+
+
+def test_multiple_choice_letters_mean_a_shuffled_shape_in_one_task_and_a_fixed_corner_in_the_other(tmp_path):
+    """mc-shape: the three shapes, shuffled per record (every letter answers, the answer's option names the
+    drawn shape); mc-corner-fixed: the four corners always in one order, so its letter is a class label."""
+    bench = load_benchmark(generate_builtin(tmp_path / "b", n_train=60, n_test=10, n_pretrain=40))
+    tasks = {t.name: t for t in bench.tasks}
+    shape = [listed_options(r.question) for r in tasks["mc-shape"].train]
+    assert all(sorted(o.values()) == ["circle", "square", "triangle"] for o in shape)
+    assert len({tuple(o.values()) for o in shape}) >= 5  # shuffled per record
+    assert {r.answer for r in tasks["mc-shape"].train} == {"A", "B", "C"}
+    mc_shape = next(t for t in TASK_INFO if t.name == "mc-shape")
+    samples = mc_shape.make("train", 60, (0, ORDER.index("mc-shape")), 64, set())
+    assert [s.question for s in samples] == [r.question for r in tasks["mc-shape"].train]
+    assert all(listed_options(s.question)[s.answer] == s.caption.split()[-1] for s in samples)  # "a red circle"
+    fixed = {tuple(listed_options(r.question).values()) for r in tasks["mc-corner-fixed"].train}
+    assert fixed == {questions.CORNERS}
+    assert {r.answer for r in tasks["mc-corner-fixed"].train} == {"A", "B", "C", "D"}
+
+
 def test_generated_images_have_the_requested_size(bench):
     for task in bench.tasks[1:]:  # shape copies easy-VQA's own 64 px images
         assert Image.open(task.test[0].image).size == (64, 64)
@@ -132,9 +166,9 @@ def test_no_test_image_in_its_tasks_train_split(bench):
 
 
 def test_pretrain_corpus_avoids_every_test_image(bench):
-    pre = [json.loads(line) for line in bench.pretrain_file.read_text().splitlines()]
+    records = [json.loads(line) for line in bench.pretrain_file.read_text().splitlines()]
+    pre = [p for p in records if p["question"] == "Describe the image."]
     assert len(pre) == SIZES["n_pretrain"]
-    assert {p["question"] for p in pre} == {"Describe the image."}
     captions = {p["answer"] for p in pre}
     # captions name the content as a pretrained MLLM would, never in a task's bare answer format
     import re
@@ -144,9 +178,31 @@ def test_pretrain_corpus_avoids_every_test_image(bench):
     assert any(re.fullmatch(r"[1-4] dots", c) for c in captions)
     assert not any(re.fullmatch(r"\d+|yes|no|(top|bottom)-(left|right)", c) for c in captions)
     assert not {"red", "green", "blue", "yellow", "purple", "black", "circle", "rectangle", "triangle"} & captions
-    pre_hashes = {file_hash(bench.image_root / p["image"]) for p in pre}
+    pre_hashes = {file_hash(bench.image_root / p["image"]) for p in records}
     test_hashes = {file_hash(r.image) for t in bench.tasks for r in t.test}
     assert not pre_hashes & test_hashes
+
+
+def test_base_corpus_multiple_choices_ask_about_their_image_and_reading_holds_the_binding_records(bench):
+    """Besides its captions the corpus holds per captioned image its attribute multiple choices (the option
+    at the answer's letter is a word of that image's caption) and three binding records; reading.jsonl, the
+    base's first stage, holds exactly the binding records, in corpus order, with their corpus ids."""
+    records = [json.loads(line) for line in bench.pretrain_file.read_text().splitlines()]
+    caption_of = {p["image"]: p["answer"] for p in records if p["question"] == "Describe the image."}
+    choices = [p for p in records if p["question"] != "Describe the image."]
+    assert {p["image"] for p in records} == set(caption_of)  # no image without its caption
+    binding = [p for p in choices if p["question"].startswith("Which option says ")]
+    attribute = [p for p in choices if p not in binding]
+    assert len(binding) == 3 * len(caption_of) and len(attribute) >= len(caption_of) // 2
+    for p in choices:
+        assert p["question"].endswith(" " + questions.CHOICE_TAIL) and p["answer"] in "ABCD"
+    for p in attribute:
+        assert listed_options(p["question"])[p["answer"]] in caption_of[p["image"]].split(), p
+    for p in binding:  # "Which option says red ? Options: ..."
+        assert listed_options(p["question"])[p["answer"]] == p["question"].split()[3], p
+    assert bench.pretrain_first_file.name == "reading.jsonl"
+    first = [json.loads(line) for line in bench.pretrain_first_file.read_text().splitlines()]
+    assert first == binding
 
 
 def test_validate_finds_no_problem(built):

@@ -236,3 +236,10 @@ def test_saved_config_yaml_passed_back_as_config_file_reproduces_the_run_config(
     again = resolve_config(config_file=str(saved))
     assert again.method_args == {"rank": 4, "alpha": 2.0, "dropout": 0.05}
     assert again == cfg
+
+
+def test_an_empty_value_is_the_empty_text():
+    """`backbone.base_path=` (no saved base: train the base stage) is how the shell passes an empty value."""
+    cfg = resolve_config(method="zero-shot", profile="default", overrides=["backbone.base_path="])
+    assert cfg.backbone.base_path == ""
+    assert resolve_config(method="zero-shot", profile="default").backbone.base_path == "builtin"

@@ -169,6 +169,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise BadInputError(f"{where}: expected an integer, got {value!r}")
     if annotation is str:
+        if value is None:  # `KEY=` on the command line or an empty YAML value (`backbone.base_path=`: none)
+            return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise BadInputError(f"{where}: expected a string, got {value!r}")

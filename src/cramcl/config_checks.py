@@ -50,7 +50,8 @@ def check_choices(cfg, where: str, origins: dict[str, str] | None = None) -> Non
     workers = cfg.train.loader_workers
     if not (workers == "auto" or (isinstance(workers, int) and workers >= 0)):
         problems.append(f"{at('train.loader_workers')}: train.loader_workers: {workers!r} must be auto or a count >= 0")
-    if cfg.backbone.base_path and cfg.backbone.name != "tiny":
+    # `builtin` (the default profile's) is the tiny backbone's shipped base and means nothing to a real model
+    if cfg.backbone.base_path not in ("", "builtin") and cfg.backbone.name != "tiny":
         problems.append(f"{at('backbone.base_path')}: backbone.base_path: a saved base is for the tiny backbone only "
                         f"(backbone.name is '{cfg.backbone.name}'; a real model is loaded from backbone.model_path)")
     for (section, key), bounds in RANGES.items():

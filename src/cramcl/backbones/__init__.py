@@ -1,8 +1,6 @@
 """Backbone factory: `tiny` (embedded, offline) or `hf` (a local transformers image-text-to-text model)."""
 from __future__ import annotations
 
-import os
-
 from cramcl.errors import BadInputError
 
 
@@ -13,10 +11,13 @@ def build_backbone(run_cfg, bench, log=print):
     if cfg.name == "tiny":
         from cramcl.backbones.tiny.backbone import TinyBackbone
 
-        if cfg.base_path:  # a saved base: its own vocabulary, no base stage, no corpus needed
-            from cramcl.backbones.tiny.saved_base import check_vocabulary, read_saved_base
+        from cramcl.backbones.tiny.saved_base import SHIPPED, check_vocabulary, read_saved_base, resolve_base_path
 
-            saved = read_saved_base(os.path.expandvars(cfg.base_path))
+        base_path = resolve_base_path(cfg.base_path, run_cfg.data.benchmark)
+        if cfg.base_path == SHIPPED and not base_path:
+            log(f"base: the shipped base is the built-in stream's; {bench.path} trains its own from its corpus")
+        if base_path:  # a saved base: its own vocabulary, no base stage, no corpus needed
+            saved = read_saved_base(base_path)
             check_vocabulary(saved, bench)
             return TinyBackbone(cfg, [], [], cfg.base_seed, log=log, saved=saved)
         texts = [r.question for t in bench.tasks for r in (*t.train, *t.test)]

@@ -34,5 +34,6 @@ def summarize(bench: Benchmark) -> list[str]:
     if bench.pretrain_file is not None:
         lines.append(f"  pretrain: {bench.pretrain_file}")
     if bench.pretrain_first_file is not None:
-        lines.append(f"  pretrain_first: {bench.pretrain_first_file} (trained alone first with backbone.base_first_steps > 0)")
+        lines.append(f"  pretrain_first: {bench.pretrain_first_file} (trained alone first when "
+                     "backbone.base_first_steps > 0)")
     return lines

@@ -14,7 +14,7 @@ Evaluation (no task id):
 * lower layers (every adapted layer but the top ``top_layers``, default 1): one merged expert. ``fusion``:
   ``factors`` (default, the authors'): ``y = W0 x + s (sum_i B_i)(sum_i A_i) x``, cross terms B_i A_j
   included; ``products`` (Prism's port): ``y = W0 x + s sum_i B_i A_i x``. The two differ a lot, so the
-  variant is named: on the built-in stream (three seeds, docs/RESULTS.md) MFN 17.7 +- 10.1 for factors
+  variant is named: on built-in stream v4 (three seeds, docs/RESULTS-v4.md) MFN 17.7 +- 10.1 for factors
   against 34.5 +- 3.6 for products; factors' cross terms are 0.8x the intended update after two tasks, 2x
   after nine (bench/peer_diagnostics.py).
 * top layer: the experts mixed per sample by similarity to the anchors,

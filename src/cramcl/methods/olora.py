@@ -16,8 +16,8 @@ which pushes the rows of the new A (the input subspace the new task writes from)
 The penalty (already multiplied by lambda1) is reported as the aux loss ``orth``.
 
 ``lambda1`` is a number or a named value: ``original`` = 0.5 (the O-LoRA scripts; the default, as a faithful
-baseline) or ``mcitlib`` = 0.05 (MCITlib's multimodal port). On the built-in stream (three seeds,
-docs/RESULTS.md) the penalty at a task's 10th step is 6.5x the LM loss at 0.5 and 0.8x at 0.05 (median over
+baseline) or ``mcitlib`` = 0.05 (MCITlib's multimodal port). On built-in stream v4 (three seeds,
+docs/RESULTS-v4.md) the penalty at a task's 10th step is 6.5x the LM loss at 0.5 and 0.8x at 0.05 (median over
 tasks), and new tasks learn less at 0.5 (MFT 73.0 +- 0.6 against 76.0 +- 0.3); both forget about 20-26
 points, since every later LoRA stays in the forward of the earlier tasks' inputs.
 

@@ -2,13 +2,13 @@
 
 Source: the field's replay baseline as LAMDA-CL/Prism and MCITlib run it (their replay baseline: a fixed-size
 buffer of earlier tasks' samples mixed into later tasks' training); no single original. Results depend
-strongly on the buffer size (built-in stream, three seeds, docs/RESULTS.md: 2% of the stream, 90 records,
+strongly on the buffer size (9-task built-in stream v4, three seeds, docs/RESULTS-v4.md: 2%, 90 records,
 gives MFN 71.2 +- 1.3; 10% gives 80.8 +- 0.7), so the size is one setting and every report states it.
 
 Buffer size: ``buffer``, either a fraction of the stream's training records or a number of records:
 * a number in [0, 1), or a percentage such as ``"10%"``: that share of every task's training records summed
   (at least 1 record when > 0), fixed once at the first task. Default 0.02 (2%): 4 records for two
-  quick-profile tasks (96 records each), 90 for the default profile's 9 built-in tasks (500 each);
+  quick-profile tasks (96 records each), 110 for the default profile's 11 built-in tasks (500 each);
 * a whole number >= 1: that many records (``buffer=500``); 0 means no buffer.
 A number >= 1 that is not whole (``1.5``) is refused: it is neither. ``buffer_size`` (records) and
 ``buffer_fraction`` are the older spelling, kept so that runs saved before ``buffer`` existed resume

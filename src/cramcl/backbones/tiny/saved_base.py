@@ -33,6 +33,23 @@ from cramcl.errors import BadInputError
 FORMAT = 1
 FILES = ("base.safetensors", "tokenizer.json", "base.json")
 MAX_LISTED = 10  # problems listed before "... and N more"
+#: ``backbone.base_path: builtin`` names the base shipped in the package for the built-in stream.
+SHIPPED = "builtin"
+
+
+def shipped_base_dir() -> Path:
+    """The package's saved base of the built-in stream (``cramcl/bases/builtin``; docs/RESULTS.md: how it was
+    made)."""
+    return Path(__file__).resolve().parents[2] / "bases" / SHIPPED
+
+
+def resolve_base_path(value: str, benchmark: str) -> str:
+    """The saved base directory a run loads ("" = train the base stage). ``builtin`` is the shipped base when the
+    stream is the built-in one (``benchmark`` empty) and nothing otherwise: a benchmark of one's own has its own
+    words, which the shipped vocabulary does not hold, so its base is trained from its own pretrain corpus."""
+    if value == SHIPPED:
+        return str(shipped_base_dir()) if not benchmark else ""
+    return os.path.expanduser(os.path.expandvars(value)) if value else ""
 
 
 @dataclass(frozen=True)

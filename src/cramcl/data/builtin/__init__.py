@@ -1,40 +1,53 @@
-"""The built-in stream: nine small vision-language tasks in four instruction formats, generated offline.
+"""The built-in stream: eleven small vision-language tasks in five instruction formats, generated offline.
 
 ``generate_builtin(out_dir)`` writes ``benchmark.yaml``, per task a LLaVA JSON train file and a JSONL
-test file, PNG images under ``images/<task>/``, and ``pretrain.jsonl`` (captions for the tiny backbone's
-base stage). Those captions name what a pretrained MLLM would know of an image ("a red circle", "a
-handwritten 7", "3 dots", "a red blob", "a small red circle in the top-left corner") and never use a
-task's instruction or answer format, so the tasks teach formats on top of a base that can see; a
-caption-style reply ("a handwritten 7") is not counted as the answer "7". Every short answer is a word
-the captions use: the tiny base's word embeddings are frozen with it.
+test file, PNG images under ``images/<task>/``, ``pretrain.jsonl`` (the tiny backbone's base corpus) and
+``reading.jsonl`` (its first stage). The corpus's captions name what a pretrained MLLM would know of an
+image ("a red circle", "a handwritten 7", "3 dots", "a red blob", "a small red circle in the top-left
+corner") and never use a task's instruction or answer format, so the tasks teach formats on top of a base
+that can see; a caption-style reply ("a handwritten 7") is not counted as the answer "7". Every short answer
+is a word the captions use: the tiny base's word embeddings are frozen with it. Per captioned image the
+corpus also holds what instruction tuning teaches a real MLLM about answering with a letter
+(:mod:`.reading`: multiple choices about the image's colour, shape, digit or corner, and "which option says
+red?" records, the latter also trained alone first as ``reading.jsonl``), under stems of their own.
 
-Every format asks ONE question, identical for all its tasks (:mod:`.questions`); its tasks differ in
-visual domain and answer space, so the instruction text picks the format (CRAM's level-1 group) and
-only the image tells the tasks of a format apart (level-2 routing). The formats interleave: each
-format's second task arrives after other formats have trained. In training order:
+Every format asks ONE question, identical for all its tasks (:mod:`.questions`; a multiple choice lists its
+options between the format's stem and tail); its tasks differ in visual domain and answer space, so the
+instruction text picks the format (CRAM's level-1 group) and only the image tells the tasks of a format
+apart (level-2 routing). The formats interleave: each format's second task arrives after other formats have
+trained. In training order:
 
-============  =======  ======  ===============================  =====================  =================
-task          format   scorer  question                         domain                 answers
-============  =======  ======  ===============================  =====================  =================
-shape         name     exact   Answer with one word: what do    easy-VQA (copied)      circle, rectangle,
-                               you see?                                                triangle
-digits        number   exact   What number does the picture     scikit-learn digits    0-9
-                               show?
-corner        corner   exact   In which corner of the picture   a shape on light grey  top-left, top-right,
-                               is the object?                                          bottom-left, ...
-caption       caption  caption Describe the scene briefly.      one or two shapes      "a red circle left
+===============  =======  ======  ============================  =====================  ==================
+task             format   scorer  question                      domain                 answers
+===============  =======  ======  ============================  =====================  ==================
+shape            name     exact   Answer with one word: what    easy-VQA (copied)      circle, rectangle,
+                                  do you see?                                          triangle
+digits           number   exact   What number does the picture  scikit-learn digits    0-9
+                                  show?
+corner           corner   exact   In which corner of the        a shape on light grey  top-left,
+                                  picture is the object?                               top-right, ...
+mc-shape         choice   exact   Multiple-choice question:     a shape on a pale      A-C: the three
+                                  which option matches the      tint                   shapes, shuffled
+                                  picture? Options: A .. C ..                          per record
+                                  Reply with the letter of the
+                                  correct option.
+caption          caption  caption Describe the scene briefly.   one or two shapes      "a red circle left
                                                                                        of a blue square"
-colour        name     exact   (as shape)                       a blob on grey noise   6 colour names
-ocr           number   exact   (as digits)                      a printed digit        0-9
-digit-corner  corner   exact   (as corner)                      a digit on black       (as corner)
-count         number   exact   (as digits)                      1-4 coloured dots      1-4
-stripes       caption  caption (as caption)                     two-colour stripes     "red and blue
+colour           name     exact   (as shape)                    a blob on grey noise   6 colour names
+ocr              number   exact   (as digits)                   a printed digit        0-9
+digit-corner     corner   exact   (as corner)                   a digit on black       (as corner)
+mc-corner-fixed  choice   exact   (as mc-shape)                 (as corner)            A-D: the four
+                                                                                       corners, always in
+                                                                                       one order
+count            number   exact   (as digits)                   1-4 coloured dots      1-4
+stripes          caption  caption (as caption)                  two-colour stripes     "red and blue
                                                                                        vertical stripes"
-============  =======  ======  ===============================  =====================  =================
+===============  =======  ======  ============================  =====================  ==================
 
-With all-MiniLM-L6-v2 the four templates are at most 0.49 apart in cosine (number vs corner), and
-CRAM's rule with the default profile's theta (0.25) makes exactly four groups, one per format
-(checked in tests/test_builtin.py).
+The letters of the choice format mean different things in its two tasks: a shape drawn anew per record
+(the model must read the options) in one, a corner that is always the same letter in the other.
+With all-MiniLM-L6-v2 and CRAM's rule at the default profile's theta (0.25) the stream makes exactly five
+groups, one per format (checked in tests/test_builtin.py).
 
 Output is a pure function of the parameters (same seed: byte-identical files). A ``manifest.json``
 records the parameters and ``BUILTIN_VERSION``; a second call with the same ones returns at once.
@@ -53,13 +66,15 @@ from typing import Callable
 
 import numpy as np
 
-from cramcl.data.builtin import corner, digits, easyvqa, ocr, patches, scenes
+from cramcl.data.builtin import choice, corner, digits, easyvqa, ocr, patches, questions, reading, scenes
 from cramcl.data.builtin._common import Sample, pixel_hash
 from cramcl.errors import BadInputError
 
 # Bump whenever generation changes what it writes, so stale cached benchmarks get regenerated.
-BUILTIN_VERSION = "cramcl-builtin/4"
+BUILTIN_VERSION = "cramcl-builtin/5"
 PRETRAIN_QUESTION = "Describe the image."
+#: Binding records per captioned base image (the base's reading stage, :mod:`.reading`).
+BINDING_PER_IMAGE = 3
 
 
 @dataclass(frozen=True)
@@ -75,15 +90,25 @@ class BuiltinTask:
     pretrain_share: float  # fraction of the pretrain corpus drawn from this task's domain
 
 
+def _choice(make: Callable[..., list[Sample]]) -> Callable[..., list[Sample]]:
+    """A multiple-choice task's generator under the stream's stem and tail (:data:`questions.CHOICE`)."""
+    def make_task(split: str, n: int, task_seed: tuple[int, int], image_size: int,
+                  exclude: set[str]) -> list[Sample]:
+        return make(split, n, task_seed, image_size, exclude, stem=questions.CHOICE, tail=questions.CHOICE_TAIL)
+    return make_task
+
+
 TASK_INFO: tuple[BuiltinTask, ...] = (
-    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.17),
-    BuiltinTask("digits", "number", "exact", "digits", digits.make_digits, 0.12),
-    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.12),
-    BuiltinTask("caption", "caption", "caption", "shape-scenes", scenes.make_caption, 0.1),
-    BuiltinTask("colour", "name", "exact", "blobs", patches.make_colour, 0.1),
-    BuiltinTask("ocr", "number", "exact", "printed-numbers", ocr.make_ocr, 0.12),
-    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.12),
-    BuiltinTask("count", "number", "exact", "dot-scenes", scenes.make_count, 0.1),
+    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.15),
+    BuiltinTask("digits", "number", "exact", "digits", digits.make_digits, 0.11),
+    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.11),
+    BuiltinTask("mc-shape", "choice", "exact", "tinted-shapes", _choice(choice.make_mc_shape), 0.09),
+    BuiltinTask("caption", "caption", "caption", "shape-scenes", scenes.make_caption, 0.09),
+    BuiltinTask("colour", "name", "exact", "blobs", patches.make_colour, 0.09),
+    BuiltinTask("ocr", "number", "exact", "printed-numbers", ocr.make_ocr, 0.11),
+    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.11),
+    BuiltinTask("mc-corner-fixed", "choice", "exact", "corner-shapes", _choice(choice.make_mc_corner_fixed), 0.0),
+    BuiltinTask("count", "number", "exact", "dot-scenes", scenes.make_count, 0.09),
     BuiltinTask("stripes", "caption", "caption", "stripes", patches.make_stripes, 0.05),
 )
 #: Task names of the built-in stream, in training order.
@@ -123,11 +148,13 @@ def _write_task(root: Path, task: BuiltinTask, split: str, samples: list[Sample]
         (root / task.name / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str, set[str]]) -> list[Sample]:
+def pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str, set[str]],
+                     tasks: tuple[BuiltinTask, ...] = TASK_INFO) -> list[Sample]:
     """The base corpus's n captioned samples, domain by domain (``pretrain_share``), never a test image
-    (``test_hashes``: task name -> pixel hashes of its test images; a task not listed excludes none)."""
+    (``test_hashes``: task name -> pixel hashes of its test images; a task not listed excludes none).
+    ``tasks``: the stream whose domains (and stream positions, which seed them) the corpus follows."""
     samples: list[Sample] = []
-    sharing = [(i, t) for i, t in enumerate(TASK_INFO) if t.pretrain_share > 0]
+    sharing = [(i, t) for i, t in enumerate(tasks) if t.pretrain_share > 0]
     for k, (index, task) in enumerate(sharing):
         # The last domain takes the rounding remainder so the corpus has exactly n records.
         want = n - len(samples) if k == len(sharing) - 1 else round(n * task.pretrain_share)
@@ -140,20 +167,32 @@ def pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str, 
 
 def _write_pretrain(root: Path, seed: int, n: int, image_size: int,
                     test_hashes: dict[str, set[str]]) -> None:
-    """Generic captions ("a red circle", "a printed number", "some dots", ...) over non-test images."""
+    """Generic captions ("a red circle", "a printed number", "some dots", ...) over non-test images, and per
+    captioned image its attribute multiple choices and binding records (:mod:`.reading`); the binding records
+    again, in corpus order, as ``reading.jsonl`` (the base's first stage)."""
     samples = pretrain_samples(seed, n, image_size, test_hashes)
-    # Mix the domains so a base stage reading in order sees all of them in every batch.
-    order = np.random.default_rng([seed, len(TASK_INFO)]).permutation(len(samples))
-    samples = [samples[i] for i in order]
-    write_pretrain_records(root, [(PRETRAIN_QUESTION, s.caption, s) for s in samples])
+    records = [(PRETRAIN_QUESTION, s.caption, s) for s in samples]
+    records += [(q, a, samples[i]) for i, q, a in reading.choice_records(
+        [s.caption for s in samples], np.random.default_rng([seed, 11]), binding=BINDING_PER_IMAGE, spaced=True,
+        tail=questions.CHOICE_TAIL)]
+    # Mix the domains and kinds so a base stage reading in order sees all of them in every batch.
+    order = np.random.default_rng([seed, len(TASK_INFO)]).permutation(len(records))
+    write_pretrain_records(root, [records[i] for i in order], first=reading.is_binding)
 
 
-def write_pretrain_records(root: Path, records: list[tuple[str, str, Sample]]) -> None:
-    """``pretrain.jsonl`` from (question, answer, sample) triples in order, images under images/pretrain/."""
-    rels = _save_images(root / "images", "pretrain", "img", [s for _, _, s in records])
-    lines = [json.dumps({"id": f"pretrain-{i:05d}", "image": rel, "question": q, "answer": a})
-             for i, (rel, (q, a, _)) in enumerate(zip(rels, records))]
-    (root / "pretrain.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+def write_pretrain_records(root: Path, records: list[tuple[str, str, Sample]],
+                           first: Callable[[str], bool] | None = None) -> None:
+    """``pretrain.jsonl`` from (question, answer, sample) triples in order, one image per distinct sample under
+    images/pretrain/; with ``first`` (a test on the question), the records it picks also go, in the same order
+    and with the same ids, to ``reading.jsonl``."""
+    samples = list({id(s): s for _, _, s in records}.values())
+    rels = dict(zip(map(id, samples), _save_images(root / "images", "pretrain", "img", samples)))
+    rows = [{"id": f"pretrain-{i:05d}", "image": rels[id(s)], "question": q, "answer": a}
+            for i, (q, a, s) in enumerate(records)]
+    (root / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    if first is not None:
+        (root / "reading.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if first(r["question"])),
+                                            encoding="utf-8")
 
 
 def write_tasks(root: Path, tasks: list[tuple[int, BuiltinTask]], params: dict) -> dict[str, set[str]]:
@@ -170,8 +209,11 @@ def write_tasks(root: Path, tasks: list[tuple[int, BuiltinTask]], params: dict) 
     return test_hashes
 
 
-def write_yaml(root: Path, header: str, name: str, tasks: list[BuiltinTask]) -> Path:
-    lines = [f"# {header}", f"name: {name}", "image_root: images", "pretrain: pretrain.jsonl", "tasks:"]
+def write_yaml(root: Path, header: str, name: str, tasks: list[BuiltinTask], first: bool = False) -> Path:
+    """``first``: name ``reading.jsonl`` as the benchmark's ``pretrain_first`` corpus."""
+    lines = [f"# {header}", f"name: {name}", "image_root: images", "pretrain: pretrain.jsonl"]
+    lines += ["pretrain_first: reading.jsonl"] if first else []
+    lines += ["tasks:"]
     for task in tasks:
         lines += [f"  - name: {task.name}", f"    train: {task.name}/train.json",
                   f"    test: {task.name}/test.jsonl", f"    scorer: {task.scorer}"]
@@ -183,7 +225,7 @@ def _generate_into(root: Path, params: dict) -> None:
     test_hashes = write_tasks(root, list(enumerate(TASK_INFO)), params)
     _write_pretrain(root, params["seed"], params["n_pretrain"], params["image_size"], test_hashes)
     write_yaml(root, f"cramcl built-in stream ({BUILTIN_VERSION}; "
-               + ", ".join(f"{k}={v}" for k, v in params.items()) + ")", "cramcl-builtin", list(TASK_INFO))
+               + ", ".join(f"{k}={v}" for k, v in params.items()) + ")", "cramcl-builtin", list(TASK_INFO), first=True)
 
 
 def _read_manifest(out_dir: Path) -> dict | None:
@@ -199,7 +241,7 @@ def generate_builtin(out_dir: str | Path, *, seed: int = 0, n_train: int = 800, 
 
     ``n_train`` / ``n_test`` are per task (digits caps them at its pool: 1,438 / 359; easy-VQA at
     its images). ``image_size`` applies to generated images; easy-VQA's are kept at their 64 px.
-    ``n_pretrain`` defaults to 1,500 at n_train=800, scaled with n_train (at least 50).
+    ``n_pretrain`` (captioned base images) defaults to 1,650 at n_train=800, scaled with n_train (at least 50).
     An existing ``out_dir`` from an earlier call with other parameters is replaced; any other
     non-empty directory is left alone (BadInputError).
     """
@@ -210,7 +252,7 @@ def generate_builtin(out_dir: str | Path, *, seed: int = 0, n_train: int = 800, 
     if bad:
         raise BadInputError(bad)
     if n_pretrain is None:
-        n_pretrain = max(50, round(n_train * 1500 / 800))
+        n_pretrain = max(50, round(n_train * 1650 / 800))
     params = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
               "n_pretrain": n_pretrain}
     manifest = {"version": BUILTIN_VERSION, "params": params}

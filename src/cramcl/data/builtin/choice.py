@@ -1,12 +1,13 @@
-"""The multiple-choice letter format (a study, not part of the default stream): options shuffled per record.
+"""The multiple-choice letter format: its tasks, and the study tasks of docs/mc-study.md.
 
-Both tasks ask the same stem; the options after it differ per record, and the answer is the letter:
+All tasks of the format ask one stem; the options after it differ per record, and the answer is the letter:
 
     "Which option matches the picture? Options: A triangle B circle C square Answer with the letter." -> "A"
 
-Options are written ``LETTER word`` with the letter as its own whitespace word, identical to the
-answer token (the tiny tokenizer keeps "A." and "A" apart, and "square." apart from "square"), so a
-model that finds the matching option can copy the letter before it.
+(the study's :data:`STEM` and :data:`TAIL`; the built-in stream passes its own, ``questions.CHOICE`` and
+``questions.CHOICE_TAIL``). Options are written ``LETTER word`` with the letter as its own whitespace word,
+identical to the answer token (the tiny tokenizer keeps "A." and "A" apart, and "square." apart from
+"square"), so a model that finds the matching option can copy the letter before it.
 
 * ``mc-shape``: one palette shape (circle / square / triangle) anywhere on a pale tinted canvas; the three
   shapes are the options, shuffled.
@@ -16,6 +17,11 @@ model that finds the matching option can copy the letter before it.
   palette colours are the options, shuffled.
 * ``mc-corner``: the ``corner`` task's images (a shape in a quadrant); the four corners ("top-left", ...)
   are the options, shuffled.
+* ``mc-corner-fixed``: as ``mc-corner`` with the corners always in one order (the letter is a class label).
+* ``mc-colour3`` / ``mc-corner3``: ``mc-colour`` / ``mc-corner`` with three options.
+
+In the built-in stream: ``mc-shape`` and ``mc-corner-fixed`` (the others stay near chance at the stream's
+budget, docs/mc-study.md).
 
 :func:`instruction_samples` turns base-corpus captions into generic instruction-following records
 (multiple choice over captions and over colours, yes/no, left/right and top/bottom) on the same held-apart
@@ -37,10 +43,10 @@ STEM = "Which option matches the picture?"
 TAIL = "Answer with the letter."
 
 
-def options_question(stem: str, options: list[str]) -> str:
-    """``stem Options: A x B y ... Answer with the letter.``"""
+def options_question(stem: str, options: list[str], tail: str = TAIL) -> str:
+    """``stem Options: A x B y ... tail`` (tail: ``Answer with the letter.`` unless given)."""
     listed = " ".join(f"{LETTERS[i]} {o}" for i, o in enumerate(options))
-    return f"{stem} Options: {listed} {TAIL}"
+    return f"{stem} Options: {listed} {tail}"
 
 
 def shuffled_options(rng: np.random.Generator, correct: str, others: list[str], k: int) -> tuple[list[str], str]:
@@ -70,16 +76,18 @@ def _shape_on_tint(rng: np.random.Generator, image_size: int) -> tuple[Image.Ima
     return im, shape, colour
 
 
-def _mc_shape(rng: np.random.Generator, image_size: int) -> Sample:
+def _mc_shape(rng: np.random.Generator, image_size: int, stem: str, tail: str) -> Sample:
     im, shape, colour = _shape_on_tint(rng, image_size)
     options, letter = shuffled_options(rng, shape, list(SHAPES), len(SHAPES))
-    return Sample(options_question(STEM, options), letter, f"a {colour} {shape}", image=im)
+    return Sample(options_question(stem, options, tail), letter, f"a {colour} {shape}", image=im)
 
 
 def make_mc_shape(split: str, n: int, task_seed: tuple[int, int], image_size: int,
-                  exclude: set[str]) -> list[Sample]:
-    """A shape on a tinted canvas; options: the three shapes, shuffled; answer: the letter."""
-    return unique_samples(lambda rng: _mc_shape(rng, image_size), n, split_rng(task_seed, split), exclude)
+                  exclude: set[str], stem: str = STEM, tail: str = TAIL) -> list[Sample]:
+    """A shape on a tinted canvas; options: the three shapes, shuffled; answer: the letter. ``stem`` and
+    ``tail``: the study's unless given (the built-in stream passes its own, :data:`questions.CHOICE`)."""
+    return unique_samples(lambda rng: _mc_shape(rng, image_size, stem, tail), n, split_rng(task_seed, split),
+                          exclude)
 
 
 def _as_choices(samples: list[Sample], rng: np.random.Generator, pool: list[str], k: int) -> list[Sample]:
@@ -130,13 +138,13 @@ def make_mc_corner3(split: str, n: int, task_seed: tuple[int, int], image_size: 
 
 
 def make_mc_corner_fixed(split: str, n: int, task_seed: tuple[int, int], image_size: int,
-                         exclude: set[str]) -> list[Sample]:
+                         exclude: set[str], stem: str = STEM, tail: str = TAIL) -> list[Sample]:
     """As :func:`make_mc_corner` with the four corners always in the same order: the letter is a class label
     (no option reading needed), which means something else than in the shuffled tasks of the format."""
     out = []
+    question = options_question(stem, list(questions.CORNERS), tail)
     for s in corner.make_corner(split, n, task_seed, image_size, exclude):
-        letter = LETTERS[questions.CORNERS.index(s.answer)]
-        out.append(Sample(options_question(STEM, list(questions.CORNERS)), letter, s.caption, image=s.image))
+        out.append(Sample(question, LETTERS[questions.CORNERS.index(s.answer)], s.caption, image=s.image))
     return out
 
 

@@ -1,4 +1,5 @@
-"""A small study benchmark for the multiple-choice letter format (not the default stream).
+"""A small study benchmark for the multiple-choice letter format (docs/mc-study.md; its stream is
+``cramcl-builtin/4``'s, its stem and tail the study's, not the built-in stream's).
 
 ``generate_mc_study(out_dir, instruct=...)`` writes a benchmark of four tasks in training order
 ``shape, mc-shape, corner, mc-digit`` (shape and corner exactly as in the built-in stream, same seeds)
@@ -18,9 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from cramcl.data.builtin import (PRETRAIN_QUESTION, TASK_INFO, BuiltinTask, choice, pretrain_samples,
-                                 write_pretrain_records, write_tasks, write_yaml)
+from cramcl.data.builtin import (PRETRAIN_QUESTION, BuiltinTask, choice, corner, digits, easyvqa, ocr, patches,
+                                 pretrain_samples, scenes, write_pretrain_records, write_tasks, write_yaml)
 from cramcl.data.builtin._common import Sample
+
+#: The built-in stream as the study ran on it (``cramcl-builtin/4``: nine tasks, no multiple choice): its task
+#: positions seed the images and its shares make the caption corpus, so the study's commands keep their output.
+V4_TASKS = (
+    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.17),
+    BuiltinTask("digits", "number", "exact", "digits", digits.make_digits, 0.12),
+    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.12),
+    BuiltinTask("caption", "caption", "caption", "shape-scenes", scenes.make_caption, 0.1),
+    BuiltinTask("colour", "name", "exact", "blobs", patches.make_colour, 0.1),
+    BuiltinTask("ocr", "number", "exact", "printed-numbers", ocr.make_ocr, 0.12),
+    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.12),
+    BuiltinTask("count", "number", "exact", "dot-scenes", scenes.make_count, 0.1),
+    BuiltinTask("stripes", "caption", "caption", "stripes", patches.make_stripes, 0.05),
+)
 
 MC_TASKS = (
     BuiltinTask("mc-shape", "choice", "exact", "tinted-shapes", choice.make_mc_shape, 0.1),
@@ -31,15 +46,15 @@ MC_TASKS = (
     BuiltinTask("mc-corner3", "choice", "exact", "corner-shapes", choice.make_mc_corner3, 0.0),
     BuiltinTask("mc-corner-fixed", "choice", "exact", "corner-shapes", choice.make_mc_corner_fixed, 0.0),
 )
-_BY_NAME = {t.name: (i, t) for i, t in enumerate(TASK_INFO)}
-_BY_NAME.update({t.name: (len(TASK_INFO) + i, t) for i, t in enumerate(MC_TASKS)})
+_BY_NAME = {t.name: (i, t) for i, t in enumerate(V4_TASKS)}
+_BY_NAME.update({t.name: (len(V4_TASKS) + i, t) for i, t in enumerate(MC_TASKS)})
 ORDER = ("shape", "mc-shape", "corner", "mc-digit")
 
 
 def _pretrain_samples(seed: int, n: int, image_size: int, test_hashes: dict[str, set[str]]) -> list[Sample]:
     """The built-in stream's caption corpus plus captions of the mc-shape domain."""
     index, mc = _BY_NAME["mc-shape"]
-    return pretrain_samples(seed, n, image_size, test_hashes) + mc.make(
+    return pretrain_samples(seed, n, image_size, test_hashes, V4_TASKS) + mc.make(
         "pretrain", round(n * mc.pretrain_share), (seed, index), image_size, test_hashes.get("mc-shape", set()))
 
 
