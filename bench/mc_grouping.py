@@ -5,12 +5,14 @@ questions, then fold all its train questions into the prototype); then every tes
 assigned (argmax cosine) and the share landing in its task's group is printed.
 
     PYTHONPATH=src python bench/mc_grouping.py [--second mc-corner-fixed]
+    PYTHONPATH=src python bench/mc_grouping.py --stream     # the built-in stream as it ships
 """
 from __future__ import annotations
 
 import torch
 
 from cramcl.config import resolve_config
+from cramcl.data.builtin import TASK_INFO
 from cramcl.data.builtin.mc_study import MC_TASKS, V4_TASKS
 from cramcl.encoders import TextEncoder
 from cramcl.methods.cram import CramConfig
@@ -21,12 +23,17 @@ ORDER = ("shape", "digits", "corner", "mc-shape", "caption", "colour", "ocr", "d
 N = 200
 
 
-def main(order=ORDER) -> None:
+def main(order=ORDER, stream: bool = False) -> None:
+    """``stream``: the built-in stream itself (its tasks, order and stem), not the study's."""
     cfg = CramConfig(**resolve_config(method="cram", profile="default").method_args)
     groups = InstructionGroups(cfg.join_threshold, cfg.theta, cfg.max_groups)
     encoder = TextEncoder("minilm")
-    tasks = {t.name: (i, t) for i, t in enumerate(V4_TASKS)}
-    tasks.update({t.name: (len(V4_TASKS) + i, t) for i, t in enumerate(MC_TASKS)})
+    if stream:
+        tasks = {t.name: (i, t) for i, t in enumerate(TASK_INFO)}
+        order = tuple(tasks)
+    else:
+        tasks = {t.name: (i, t) for i, t in enumerate(V4_TASKS)}
+        tasks.update({t.name: (len(V4_TASKS) + i, t) for i, t in enumerate(MC_TASKS)})
     group_of, tests = {}, {}
     for name in order:
         index, task = tasks[name]
@@ -61,6 +68,7 @@ if __name__ == "__main__":
     ap.add_argument("--tail", default=choice.TAIL)
     ap.add_argument("--digit-first", action="store_true", help="swap mc-shape and mc-digit in the order")
     ap.add_argument("--second", default="mc-digit", help="the MC task in mc-digit's place (e.g. mc-corner-fixed)")
+    ap.add_argument("--stream", action="store_true", help="the built-in stream as it ships (its order and stem)")
     args = ap.parse_args()
     choice.STEM, choice.TAIL = args.stem, args.tail
     order = tuple(args.second if n == "mc-digit" else n for n in ORDER)
@@ -68,5 +76,6 @@ if __name__ == "__main__":
         swap = {"mc-shape": "mc-digit", "mc-digit": "mc-shape"}
         order = tuple(swap.get(n, n) for n in ORDER)
     torch.set_num_threads(1)
-    print(f"stem {choice.STEM!r}, tail {choice.TAIL!r}")
-    main(order)
+    if not args.stream:
+        print(f"stem {choice.STEM!r}, tail {choice.TAIL!r}")
+    main(order, args.stream)

@@ -14,28 +14,21 @@ example ``mc-colour`` or ``mc-corner``); with shape, mc-shape and corner among t
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from cramcl.data.builtin import (PRETRAIN_QUESTION, BuiltinTask, choice, corner, digits, easyvqa, ocr, patches,
-                                 pretrain_samples, scenes, write_pretrain_records, write_tasks, write_yaml)
+from cramcl.data.builtin import (PRETRAIN_QUESTION, TASK_INFO, BuiltinTask, choice, pretrain_samples,
+                                 write_pretrain_records, write_tasks, write_yaml)
 from cramcl.data.builtin._common import Sample
 
 #: The built-in stream as the study ran on it (``cramcl-builtin/4``: nine tasks, no multiple choice): its task
 #: positions seed the images and its shares make the caption corpus, so the study's commands keep their output.
-V4_TASKS = (
-    BuiltinTask("shape", "name", "exact", "easy-vqa", easyvqa.make_shape, 0.17),
-    BuiltinTask("digits", "number", "exact", "digits", digits.make_digits, 0.12),
-    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.12),
-    BuiltinTask("caption", "caption", "caption", "shape-scenes", scenes.make_caption, 0.1),
-    BuiltinTask("colour", "name", "exact", "blobs", patches.make_colour, 0.1),
-    BuiltinTask("ocr", "number", "exact", "printed-numbers", ocr.make_ocr, 0.12),
-    BuiltinTask("digit-corner", "corner", "exact", "corner-digits", corner.make_digit_corner, 0.12),
-    BuiltinTask("count", "number", "exact", "dot-scenes", scenes.make_count, 0.1),
-    BuiltinTask("stripes", "caption", "caption", "stripes", patches.make_stripes, 0.05),
-)
+V4_SHARES = {"shape": 0.17, "digits": 0.12, "corner": 0.12, "caption": 0.1, "colour": 0.1, "ocr": 0.12,
+             "digit-corner": 0.12, "count": 0.1, "stripes": 0.05}
+V4_TASKS = tuple(dataclasses.replace(t, pretrain_share=V4_SHARES[t.name]) for t in TASK_INFO if t.name in V4_SHARES)
 
 MC_TASKS = (
     BuiltinTask("mc-shape", "choice", "exact", "tinted-shapes", choice.make_mc_shape, 0.1),
