@@ -55,7 +55,8 @@ class BackboneConfig:
     base_first_lr: float = 5.0e-4
     base_first_warmup: int = 300
     # tiny only: a saved base directory (weights + the vocabulary they were trained with; $VARS and ~ expanded)
-    # loaded instead of training the base stage, for any stream whose words it holds (backbones/tiny/saved_base.py)
+    # loaded instead of training the base stage, for any stream whose words it holds (backbones/tiny/saved_base.py);
+    # `builtin`: the base shipped for the built-in stream (none with a benchmark of one's own)
     base_path: str = ""
     max_new_tokens: int = 12
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from cramcl.errors import BadInputError
 
+#: ``backbone.base_path: builtin`` (the default profile's): the tiny backbone's base shipped for the built-in
+#: stream (backbones/tiny/saved_base.py); it means nothing to a real model, so it is not an error there.
+SHIPPED_BASE = "builtin"
+
 CHOICES = {("train", "scheduler"): ("cosine", "constant"), ("train", "eval_batches"): ("mixed", "per_task"),
            ("train", "nonfinite"): ("stop", "skip"),
            ("train", "mixed_precision"): ("no", "bf16", "fp16")}
@@ -50,8 +54,7 @@ def check_choices(cfg, where: str, origins: dict[str, str] | None = None) -> Non
     workers = cfg.train.loader_workers
     if not (workers == "auto" or (isinstance(workers, int) and workers >= 0)):
         problems.append(f"{at('train.loader_workers')}: train.loader_workers: {workers!r} must be auto or a count >= 0")
-    # `builtin` (the default profile's) is the tiny backbone's shipped base and means nothing to a real model
-    if cfg.backbone.base_path not in ("", "builtin") and cfg.backbone.name != "tiny":
+    if cfg.backbone.base_path not in ("", SHIPPED_BASE) and cfg.backbone.name != "tiny":
         problems.append(f"{at('backbone.base_path')}: backbone.base_path: a saved base is for the tiny backbone only "
                         f"(backbone.name is '{cfg.backbone.name}'; a real model is loaded from backbone.model_path)")
     for (section, key), bounds in RANGES.items():

@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from cramcl.backbones.tiny.tokenizer import UNK
+from cramcl.config_checks import SHIPPED_BASE
 from cramcl.errors import BadInputError
 
 FORMAT = 1
 FILES = ("base.safetensors", "tokenizer.json", "base.json")
 MAX_LISTED = 10  # problems listed before "... and N more"
-#: ``backbone.base_path: builtin`` names the base shipped in the package for the built-in stream.
-SHIPPED = "builtin"
+SHIPPED = SHIPPED_BASE  # ``backbone.base_path: builtin``: the base shipped in the package for the built-in stream
 
 
 def shipped_base_dir() -> Path:
