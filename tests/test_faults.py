@@ -237,3 +237,18 @@ def test_a_truncated_image_in_a_later_task_is_found_before_training(tmp_path, ca
                      *QUICK], capsys)
     assert rc == 2 and f"{victim.resolve()}: unreadable image" in err and f"task '{last}' train record" in err, err
     assert not out.exists()
+
+
+def test_sigterm_wrapped_by_an_import_still_ends_as_terminated(monkeypatch, capsys):
+    """A SIGTERM that lands inside a C extension's import reaches the CLI as an ImportError raised from it."""
+    from cramcl import cli
+
+    def run_then_import_fails(args):
+        try:
+            raise cli._Terminated()
+        except cli._Terminated as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setitem(cli.COMMANDS, "run", run_then_import_fails)
+    assert cli.main(["run", "--out", "x"]) == 143
+    assert "cramcl: terminated (SIGTERM); continue with: cramcl run --resume --out x" in capsys.readouterr().err

@@ -265,6 +265,17 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _raised_by(exc: BaseException, kind: type) -> bool:
+    """Whether ``kind`` is ``exc`` or among the exceptions it was raised from or while handling."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _resume_hint(args) -> str:
     if args.command == "run":
         out = args.out or "runs/<method>-<profile>"
@@ -311,7 +322,10 @@ def _dispatch(args) -> int:
     except _Terminated:
         print(f"cramcl: terminated (SIGTERM); {_resume_hint(args)}", file=sys.stderr)
         return 143
-    except Exception:  # an internal error: say so, with the traceback for the bug report
+    except Exception as e:  # an internal error: say so, with the traceback for the bug report
+        if _raised_by(e, _Terminated):  # SIGTERM inside an import or callback that wrapped it (ImportError ...)
+            print(f"cramcl: terminated (SIGTERM); {_resume_hint(args)}", file=sys.stderr)
+            return 143
         traceback.print_exc()
         print("cramcl: internal error (exit 1); please report it with the traceback above", file=sys.stderr)
         return 1
