@@ -88,6 +88,16 @@ def test_mtl_trains_the_sum_of_every_tasks_epoch_budget():
     assert m.phases(0, 5)[0].steps == 15  # a fixed budget: steps_per_task x tasks
 
 
+def test_cram_refuses_an_epoch_budget_too_small_for_its_two_phases():
+    from cramcl.errors import BadInputError
+    from cramcl.methods.cram import Cram, CramConfig
+
+    assert [p.steps for p in Cram(CramConfig()).phases(0, 2)] == [1, 1]
+    with pytest.raises(BadInputError, match="task 3: 1 optimizer step is too few for cram"):
+        Cram(CramConfig()).phases(3, 1)
+    assert [p.steps for p in Cram(CramConfig(no_warmup=True)).phases(3, 1)] == [1]
+
+
 def test_epoch_budget_runs_each_tasks_own_steps_and_records_them(tmp_path, warm_cache, monkeypatch):
     """Two tasks of 96 and 40 records at a global batch of 16 and 0.5 epochs: 3 and 2 steps, in metrics.json."""
     import cramcl.engine.session as session_mod

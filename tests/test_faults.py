@@ -201,6 +201,8 @@ def test_sigterm_ends_with_one_line_that_says_how_to_resume(tmp_path, warm_cache
     ("method.sigma=-1", "method.sigma: -1.0 must be > 0"),
     ("method.r_min=20", "method.r_min: 20 must be in [1, r_max]"),
     ("method.tau_novel=1.5", "method.tau_novel: 1.5 must be in [0, 1]"),
+    # one step leaves CRAM's warm-up empty (c_buf has no samples): an internal error in the middle of task 0
+    ("train.steps_per_task=1", "train.steps_per_task: 1 is too few for cram, which needs at least 2"),
 ])
 def test_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, capsys, setting, words):
     out = tmp_path / "never"

@@ -75,5 +75,10 @@ def check_choices(cfg, where: str, origins: dict[str, str] | None = None) -> Non
         if "problems" in vars(klass):
             found += [p for p in klass.problems(method_cfg) if p not in found]
     problems += [f"{at('method.' + p.split(':')[0])}: method.{p}" for p in found]
+    least = getattr(method_cfg, "min_steps_per_task", 1)
+    steps = cfg.train.steps_per_task
+    if cfg.train.epochs_per_task is None and isinstance(steps, int) and 1 <= steps < least:
+        problems.append(f"{at('train.steps_per_task')}: train.steps_per_task: {steps} is too few for {cfg.method}, "
+                        f"which needs at least {least} steps per task")
     if problems:
         raise BadInputError(problems)

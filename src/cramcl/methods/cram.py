@@ -85,6 +85,11 @@ class CramConfig(RoutingEncoderConfig):
                   ("sigma_units", self.sigma_units in SIGMA_UNITS, f"one of {', '.join(SIGMA_UNITS)}")]
         return [f"{name}: {getattr(self, name)!r} must be {want}" for name, ok, want in checks if not ok]
 
+    @property
+    def min_steps_per_task(self) -> int:
+        """A warm-up step fills c_buf and the buffer, a stable step trains the expert: at least one of each."""
+        return 1 if self.no_warmup else 2
+
 
 class Cram(Method):
     name = "cram"
@@ -177,6 +182,10 @@ class Cram(Method):
     def phases(self, task_index: int, total_steps: int) -> list[Phase]:
         if self.cfg.no_warmup:
             return [Phase("stable", total_steps)]
+        if total_steps < self.cfg.min_steps_per_task:  # an epoch budget on a tiny task (fixed budgets are checked up front)
+            raise BadInputError(f"task {task_index}: {total_steps} optimizer step is too few for cram, whose warm-up "
+                                "and stable phases need at least one step each: raise train.epochs_per_task or set "
+                                "method.no_warmup=true")
         warm = min(total_steps - 1, max(1, math.ceil(self.cfg.warmup_fraction * total_steps)))
         return [Phase("warmup", warm), Phase("stable", total_steps - warm)]
 
