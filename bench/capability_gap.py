@@ -54,6 +54,13 @@ def overlaps(run: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+def _finished(run: Path) -> bool:
+    try:
+        return json.loads((run / "results" / "metrics.json").read_text()).get("complete", False)
+    except (OSError, ValueError):
+        return False
+
+
 def own_weight(run: Path) -> dict[str, float]:
     metrics = json.loads((run / "results" / "metrics.json").read_text())
     return {t: w["mean"] for t, w in metrics.get("method_analysis", {}).get("own_expert_weight", {}).items()}
@@ -67,7 +74,7 @@ def main() -> int:
           "(m / d_in) | own expert's routing weight on own test images |")
     print("|---|---|---|---|---|")
     for variant in map(Path, args.variants):
-        seeds = sorted(p for p in variant.glob("seed_*") if (p / "results" / "metrics.json").exists())
+        seeds = sorted(p for p in variant.glob("seed_*") if _finished(p))
         if not seeds:
             print(f"{variant}: no finished seed", file=sys.stderr)
             continue
