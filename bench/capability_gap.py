@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from cramcl.engine.seeds import mean_std, pm
+from grid_tables import load_grid  # bench/ is on the path when this script runs
 
 
 def overlaps(run: Path) -> dict[str, tuple[float, float]]:
@@ -54,15 +55,7 @@ def overlaps(run: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _finished(run: Path) -> bool:
-    try:
-        return json.loads((run / "results" / "metrics.json").read_text()).get("complete", False)
-    except (OSError, ValueError):
-        return False
-
-
-def own_weight(run: Path) -> dict[str, float]:
-    metrics = json.loads((run / "results" / "metrics.json").read_text())
+def own_weight(metrics: dict) -> dict[str, float]:
     return {t: w["mean"] for t, w in metrics.get("method_analysis", {}).get("own_expert_weight", {}).items()}
 
 
@@ -74,12 +67,12 @@ def main() -> int:
           "(m / d_in) | own expert's routing weight on own test images |")
     print("|---|---|---|---|---|")
     for variant in map(Path, args.variants):
-        seeds = sorted(p for p in variant.glob("seed_*") if _finished(p))
-        if not seeds:
+        runs = load_grid(variant.parent).get(variant.name, [])  # finished seeds only
+        if not runs:
             print(f"{variant}: no finished seed", file=sys.stderr)
             continue
-        per_seed = [overlaps(s) for s in seeds]
-        weights = [own_weight(s) for s in seeds]
+        per_seed = [overlaps(r["path"]) for r in runs]
+        weights = [own_weight(r["metrics"]) for r in runs]
         for task in per_seed[0]:
             share = mean_std([o[task][0] for o in per_seed])
             w = mean_std([x[task] for x in weights if task in x])
