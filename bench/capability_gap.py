@@ -76,7 +76,8 @@ def main() -> int:
         for task in per_seed[0]:
             share = mean_std([o[task][0] for o in per_seed])
             w = mean_std([x[task] for x in weights if task in x])
-            print(f"| {variant.name} | {task} | {pm(share, 2)} | {per_seed[0][task][1]:.2f} | {pm(w, 3)} |")
+            chance = statistics.mean(o[task][1] for o in per_seed)
+            print(f"| {variant.name} | {task} | {pm(share, 2)} | {chance:.2f} | {pm(w, 3)} |")
     return 0
 
 

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 
-def _projector(state: dict | None) -> torch.nn.Module:
-    from cramcl.backbones.tiny.model import FEATURE_DIM
+def _projector(state: dict | None, hidden_size: int) -> torch.nn.Module:
+    from cramcl.backbones.tiny.model import make_projector
 
     torch.manual_seed(0)
-    proj = torch.nn.Sequential(torch.nn.Linear(FEATURE_DIM, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
+    proj = make_projector(hidden_size)
     if state is not None:
         proj.load_state_dict(state)
     return proj.eval()
@@ -45,8 +45,9 @@ def main() -> int:
     bench = load_stream(cfg.data)
     base = args.base or resolve_base_path(cfg.backbone.base_path, cfg.data.benchmark)
     weights = load_file(f"{base}/base.safetensors")
-    trained = _projector({k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")})
-    random = _projector(None)
+    state = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+    hidden = state["0.weight"].shape[0]
+    trained, random = _projector(state, hidden), _projector(None, hidden)
     vision = EfficientNetFeatures(cfg.backbone.image_size)
     print(f"base: {base}")
     print("| task | frozen tokens | frozen, mean-pooled | after the base's projector (LM input) | after a random projector |")

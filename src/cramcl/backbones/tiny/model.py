@@ -15,11 +15,16 @@ from cramcl.backbones.tiny.tokenizer import BOS, EOS, IMAGE, PAD, SEP
 from cramcl.backbones.tiny.vision import FEATURE_DIM
 
 
+def make_projector(hidden_size: int = 256) -> nn.Module:
+    """The MLP from EfficientNet tokens to LM embeddings: (..., FEATURE_DIM) -> (..., hidden_size)."""
+    return nn.Sequential(nn.Linear(FEATURE_DIM, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+
 class TinyVLM(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
                  intermediate_size: int = 1024, max_positions: int = 256):
         super().__init__()
-        self.projector = nn.Sequential(nn.Linear(FEATURE_DIM, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+        self.projector = make_projector(hidden_size)
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                              num_attention_heads=num_heads, num_key_value_heads=num_heads,
                              intermediate_size=intermediate_size, max_position_embeddings=max_positions,
