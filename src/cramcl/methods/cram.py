@@ -25,70 +25,26 @@ cramcl differs from the authors' code", has the reasons):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
+from cramcl.encoders import RoutingEncoders
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
+from cramcl.methods.cram_config import ROUTING_MODES, CramConfig
 from cramcl.methods.cram_math import consolidate_buffer
 from cramcl.methods.cram_penalty import OrthogonalityPenalty
 from cramcl.methods.cram_routing import (SIGMA_UNITS, CentroidBank, best_two_expert_weight, group_layer_weights,
                                         routing_check, scatter_group_weights)
 from cramcl.methods.cram_state import (describe_routing, load_cram_state, param_counts, report_sections,
                                       save_cram_state, stream_analysis)
-from cramcl.routing.centroid import CentroidAccumulator, centroid_gap
+from cramcl.routing.centroid import CentroidAccumulator, centroid_gap, standardizing_scale
 from cramcl.routing.groups import InstructionGroups
 from cramcl.errors import BadInputError
 from cramcl.utils.device import to_device
 from cramcl.utils.dist import all_reduce_sum, broadcast_from_main
 
-ROUTING_MODES = ("per_sample", "batch_mean", "uniform", "oracle")
 ROUTING_CHECK_SAMPLES = 256  # a task's first N training records measure its routing at the stable phase's start
-
-
-@dataclass
-class CramConfig(RoutingEncoderConfig):
-    buffer_rank: int = 48
-    buffer_alpha: float = 96.0  # scale alpha / R = 2
-    dropout: float = 0.05
-    r_min: int = 4
-    r_max: int = 9  # 9 on UCIT, 10 on TriGap
-    tau_alloc: float = 0.08
-    tau_novel: float = 0.99
-    fixed_rank: int | None = None  # ablation: every expert gets exactly this rank (no tau_alloc / tau_novel)
-    warmup_fraction: float = 0.05
-    no_warmup: bool = False  # ablation: the buffer joins the pool as the task's expert (no consolidation)
-    sigma: float = 0.25
-    sigma_units: str = "gap"  # gap: sigma relative to the group's closest centroid pair | absolute (the paper's)
-    routing: str = "per_sample"  # per_sample | batch_mean (the authors') | uniform | oracle (analysis only)
-    grouping: bool = True  # False: one pool (no level 1)
-    join_threshold: float = 0.8
-    theta: float = 0.1
-    max_groups: int = 5  # 5 on UCIT, 10 on TriGap
-    group_init_samples: int = 32  # the task's first N samples decide its group
-    lambda_orth: float = 1.0
-
-    def problems(self) -> list[str]:
-        """Settings out of range, one line each (checked when the config is resolved)."""
-        checks = [("sigma", self.sigma > 0, "> 0"), ("r_min", 1 <= self.r_min <= self.r_max, "in [1, r_max]"),
-                  ("buffer_rank", self.buffer_rank >= 1, ">= 1"), ("tau_alloc", self.tau_alloc >= 0, ">= 0"),
-                  ("tau_novel", 0 <= self.tau_novel <= 1, "in [0, 1]"),
-                  ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"), ("theta", self.theta >= 0, ">= 0"),
-                  ("join_threshold", -1 <= self.join_threshold <= 1, "in [-1, 1] (a cosine)"),
-                  ("max_groups", self.max_groups >= 1, ">= 1"), ("lambda_orth", self.lambda_orth >= 0, ">= 0"),
-                  ("group_init_samples", self.group_init_samples >= 1, ">= 1"),
-                  ("fixed_rank", self.fixed_rank is None or self.fixed_rank >= 1, "null or >= 1"),
-                  ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
-                  ("routing", self.routing in ROUTING_MODES, f"one of {', '.join(ROUTING_MODES)}"),
-                  ("sigma_units", self.sigma_units in SIGMA_UNITS, f"one of {', '.join(SIGMA_UNITS)}")]
-        return [f"{name}: {getattr(self, name)!r} must be {want}" for name, ok, want in checks if not ok]
-
-    @property
-    def min_steps_per_task(self) -> int:
-        """A warm-up step fills c_buf and the buffer, a stable step trains the expert: at least one of each."""
-        return 1 if self.no_warmup else 2
 
 
 class Cram(Method):
@@ -106,6 +62,7 @@ class Cram(Method):
         self.centroids = CentroidBank()
         self.expert_group: list[int] = []  # expert k -> group
         self.expert_task: list[int] = []  # expert k -> task index (for oracle routing and reports)
+        self.expert_variance: list[Tensor] = []  # expert k -> (D,) variance of its task's images (standardized only)
         self.task_group: list[int] = []
         self.consolidation_log: list[dict] = []  # per task: its group, rank per module, history size
         self.routing_checks: list[dict] = []  # per task in a shared group: its centroids on its own images
@@ -161,10 +118,10 @@ class Cram(Method):
         self._c_buf.reset()
         if self.cfg.no_warmup:
             # the buffer joins the pool directly as the task's expert (rank R, scale alpha/R)
-            q0 = self.encoders.image_embeddings(first).mean(0)
+            q_first = self.encoders.image_embeddings(first)
             for layer in self.layers.values():
                 layer.add_expert(self.cfg.buffer_rank, alpha=self.cfg.buffer_alpha)
-            self._register_expert(group, task_index, q0)
+            self._register_expert(group, task_index, q_first.mean(0), q_first.float().var(0, unbiased=False))
         else:
             for layer in self.layers.values():
                 layer.init_buffer(self.cfg.buffer_rank, self.cfg.buffer_alpha)
@@ -174,8 +131,10 @@ class Cram(Method):
             return self.groups.decide(t_mean)
         return 0, False
 
-    def _register_expert(self, group: int, task_index: int, centroid_init: Tensor) -> None:
+    def _register_expert(self, group: int, task_index: int, centroid_init: Tensor, variance: Tensor | None) -> None:
         self.centroids.add(centroid_init.to(self.device), self.num_layers)
+        if self.cfg.routing_metric == "standardized":
+            self.expert_variance.append(variance.float().to(self.device))
         self.expert_group.append(group)
         self.expert_task.append(task_index)
 
@@ -216,8 +175,9 @@ class Cram(Method):
             return
         if any(c["task"] == self.current_task for c in self.routing_checks):
             return  # a mid-task resume re-enters the stable phase: the check made at its start is in the state
-        q = self.encoders.image_embeddings(self._task_records).to(self.device)
-        centroids = self.centroids.stacked(experts)[0]  # (K, D) at the first layer (all start at c_buf)
+        scale = self._metric_scale(experts)
+        q = self.encoders.image_embeddings(self._task_records).to(self.device) * (1 if scale is None else scale)
+        centroids = self.centroids.stacked(experts)[0] * (1 if scale is None else scale)  # (K, D), all start at c_buf
         sigma = self.cfg.sigma * (float(centroid_gap(centroids)) ** 0.5 if self.cfg.sigma_units == "gap" else 1.0)
         check = routing_check(q, centroids, experts.index(new), sigma)
         check.update(task=self.current_task, group=self.expert_group[new])
@@ -260,7 +220,11 @@ class Cram(Method):
     def _consolidate(self) -> None:
         sums, count = self._c_buf.sums()
         count_t = all_reduce_sum(torch.tensor([float(count)]))
-        c_buf = (all_reduce_sum(sums.to(self.device)) / count_t.to(self.device).clamp(min=1)).float()
+        n = count_t.to(self.device).clamp(min=1)
+        c_buf = all_reduce_sum(sums.to(self.device)) / n
+        variance = None if self.cfg.routing_metric == "euclidean" else \
+            (all_reduce_sum(self._c_buf.square_sums().to(self.device)) / n - c_buf.pow(2)).clamp(min=0)
+        c_buf = c_buf.float()
         group, task = self.task_group[-1], self.current_task
         history = self._group_experts(group)
         ranks = {}
@@ -274,7 +238,7 @@ class Cram(Method):
                              B=broadcast_from_main(result.B.to(self.device)), scale=1.0)
             layer.drop_buffer()  # reset: the next task's before_task makes a fresh one (A random, B = 0)
             ranks[key] = result.rank
-        self._register_expert(group, task, c_buf)
+        self._register_expert(group, task, c_buf, variance)
         self.consolidation_log.append({"task": task, "group": group, "ranks": ranks,
                                        "history_experts": len(history)})
 
@@ -325,9 +289,16 @@ class Cram(Method):
             if self.cfg.routing == "oracle":
                 oracle = self._oracle_positions(experts, task_index, rows)
             weights = group_layer_weights(to_device(q[rows], self.device), self.centroids.stacked(experts),
-                                          self.cfg.sigma, self.cfg.routing, oracle, self.cfg.sigma_units)
+                                          self.cfg.sigma, self.cfg.routing, oracle, self.cfg.sigma_units,
+                                          self._metric_scale(experts))
             per_group[g] = (rows, weights, experts)
         return scatter_group_weights(per_group, len(records), len(self.expert_group), self.num_layers)
+
+    def _metric_scale(self, experts: list[int]) -> Tensor | None:
+        """(D,) per-coordinate scale of the group's routing metric; None: Euclidean (or a lone expert)."""
+        if self.cfg.routing_metric == "euclidean" or len(experts) < 2:
+            return None
+        return standardizing_scale(torch.stack([self.expert_variance[k] for k in experts]), self.cfg.metric_shrinkage)
 
     def _oracle_positions(self, experts: list[int], task_index, rows: Tensor) -> Tensor:
         """(B_g,) position within ``experts`` of each row's own task's expert (0 when it has none in the
@@ -376,12 +347,12 @@ class Cram(Method):
         if self._c_buf.count == 0:
             return {}, {"c_buf_count": 0}
         sums, count = self._c_buf.sums()
-        return {"c_buf_sum": sums}, {"c_buf_count": count}
+        return {"c_buf_sum": sums, "c_buf_square_sum": self._c_buf.square_sums()}, {"c_buf_count": count}
 
     def load_phase_state(self, tensors, meta) -> None:
         self._c_buf.reset()
         if meta.get("c_buf_count", 0):
-            self._c_buf.load_sums(tensors["c_buf_sum"], meta["c_buf_count"])
+            self._c_buf.load_sums(tensors["c_buf_sum"], meta["c_buf_count"], tensors.get("c_buf_square_sum"))
 
     def param_counts(self) -> dict[str, int]:
         return param_counts(self)

@@ -35,10 +35,11 @@ class CentroidBank(nn.Module):
 
 
 SIGMA_UNITS = ("absolute", "gap")
+ROUTING_METRICS = ("euclidean", "standardized")
 
 
 def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, oracle: Tensor | None = None,
-                        sigma_units: str = "absolute") -> Tensor:
+                        sigma_units: str = "absolute", scale: Tensor | None = None) -> Tensor:
     """Routing weights over one group's experts at every layer.
 
     q: (B, D) image embeddings; centroids: (L, K_g, D) -> (L, B, K_g). ``mode``: per_sample | batch_mean |
@@ -46,6 +47,8 @@ def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, o
     ``sigma_units``: "absolute" -- sigma in the embedding's units (the paper's); "gap" -- sigma relative to
     the layer's closest pair of centroids in the group (``sigma_eff^2 = sigma^2 * centroid_gap``), so that
     the sharpness between two domains does not depend on how far apart the embedding happens to put them.
+    ``scale``: (D,) per-coordinate scale of the ``standardized`` metric (``routing.centroid.standardizing_scale``),
+    applied to both q and the centroids before any distance (and before the gap); None: Euclidean.
     """
     if sigma_units not in SIGMA_UNITS:
         raise ValueError(f"sigma_units must be one of {SIGMA_UNITS}, got {sigma_units!r}")
@@ -56,6 +59,8 @@ def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, o
     if mode == "oracle":
         one_hot = torch.nn.functional.one_hot(oracle, K).float()
         return one_hot.unsqueeze(0).expand(L, B, K)
+    if scale is not None:
+        q, centroids = q * scale.to(q.dtype), centroids * scale.to(centroids.dtype)
     # every layer in one op chain (a (L, B, K, D) difference), not L small chains per batch and per backward
     fn = batch_mean_routing_weights if mode == "batch_mean" else rbf_routing_weights
     if sigma_units == "gap":

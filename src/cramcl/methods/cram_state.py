@@ -15,6 +15,8 @@ def save_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> tuple[dic
             tensors[f"cram.groups.{k}"] = v.detach().cpu().contiguous()
     for k, c in enumerate(method.centroids.centroids):
         tensors[f"cram.centroids.{k}"] = c.detach().cpu().contiguous()
+    for k, v in enumerate(method.expert_variance):
+        tensors[f"cram.expert_variance.{k}"] = v.detach().cpu().contiguous()
     meta["cram"] = {"groups": {k: v for k, v in groups.items() if not torch.is_tensor(v)},
                     "expert_group": method.expert_group, "expert_task": method.expert_task,
                     "task_group": method.task_group, "consolidation": method.consolidation_log,
@@ -31,6 +33,8 @@ def load_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> None:
     for k in range(len(info["expert_group"])):
         c = tensors[f"cram.centroids.{k}"]
         method.centroids.centroids.append(torch.nn.Parameter(c.clone().to(method.device), requires_grad=False))
+    method.expert_variance = [tensors[f"cram.expert_variance.{k}"].to(method.device)
+                              for k in range(len(info["expert_group"])) if f"cram.expert_variance.{k}" in tensors]
     method.expert_group = list(info["expert_group"])
     method.expert_task = list(info["expert_task"])
     method.task_group = list(info["task_group"])
@@ -44,6 +48,7 @@ def param_counts(method) -> dict[str, int]:
     layers = method.layers.values()
     stored = sum(l.experts_A[k].numel() + l.experts_B[k].numel() for l in layers for k in range(l.num_experts))
     stored += sum(p.numel() for p in method.centroids.parameters())
+    stored += sum(v.numel() for v in method.expert_variance)  # the standardized metric's per-expert variances
     stored += sum(p.numel() for p in method.groups.state_dict().values() if torch.is_tensor(p))
     per_group = {}
     for k, g in enumerate(method.expert_group):

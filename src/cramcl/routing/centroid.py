@@ -73,6 +73,28 @@ def centroid_gap(centroids: Tensor, eps: float = 1e-8) -> Tensor:
     return d.flatten(-2).min(dim=-1).values.clamp(min=eps)
 
 
+def standardizing_scale(variances: Tensor, shrinkage: float = 1.0) -> Tensor:
+    """Per-coordinate scale of the ``standardized`` routing metric: a diagonal Mahalanobis distance
+    ``sum_d s_d^2 (q_d - c_d)^2``, computed as the Euclidean distance of ``q * s`` and ``c * s``.
+
+    variances: (K, D), each expert's within-task variance of its warm-up images -> s: (D,) with
+    ``s^2 = 1 / (v + shrinkage * mean(v))``, ``v`` the experts' mean variance, normalised so that
+    ``mean(s^2) = 1`` (the metric's overall scale is left to sigma). Coordinates along which the group's
+    domains vary a lot within a task count less, quiet ones more; ``shrinkage`` (> 0) keeps a coordinate that
+    is quiet in every domain from being amplified without bound (towards 0: plain standardisation; large:
+    back towards Euclidean). Identical images everywhere (zero variance): all ones.
+    """
+    if variances.dim() != 2:
+        raise ValueError(f"expected variances (K, D), got {tuple(variances.shape)}")
+    if shrinkage <= 0:
+        raise ValueError(f"shrinkage must be > 0, got {shrinkage}")
+    v = variances.to(torch.float64).clamp(min=0).mean(0)  # (D,)
+    if float(v.mean()) == 0.0:
+        return torch.ones(v.shape, dtype=torch.float32, device=v.device)
+    s2 = 1.0 / (v + shrinkage * v.mean())
+    return (s2 / s2.mean()).sqrt().to(torch.float32)
+
+
 def batch_mean_routing_weights(q: Tensor, centroids: Tensor, sigma: float | Tensor) -> Tensor:
     """The authors' behaviour: route the whole batch by its mean image embedding.
 
@@ -103,7 +125,8 @@ def oracle_routing_weights(expert_of_sample: Tensor, K: int, *, dtype=torch.floa
 
 
 class CentroidAccumulator:
-    """Running sum and count of image embeddings: c_buf = their mean over a task's warm-up.
+    """Running sum, sum of squares and count of image embeddings: c_buf = their mean over a task's warm-up,
+    and their per-coordinate variance (read by ``routing_metric = "standardized"``).
 
     Sums are kept in float64 on the CPU so that per-process (sum, count) pairs can be all-reduced by
     summation and give the same mean as one process seeing every sample.
@@ -115,6 +138,7 @@ class CentroidAccumulator:
 
     def reset(self) -> None:
         self._sum = None if self.dim is None else torch.zeros(self.dim, dtype=torch.float64)
+        self._square_sum = None if self.dim is None else torch.zeros(self.dim, dtype=torch.float64)
         self.count = 0
 
     def add(self, q: Tensor) -> None:
@@ -122,13 +146,16 @@ class CentroidAccumulator:
         q = q.detach()
         if q.dim() == 1:
             q = q[None]
-        s = q.to(device="cpu", dtype=torch.float64).sum(0)  # (D,)
+        q64 = q.to(device="cpu", dtype=torch.float64)
+        s = q64.sum(0)  # (D,)
         if self._sum is None:
             self.dim = int(s.shape[0])
             self._sum = torch.zeros(self.dim, dtype=torch.float64)
+            self._square_sum = torch.zeros(self.dim, dtype=torch.float64)
         if s.shape[0] != self.dim:
             raise ValueError(f"embedding size {s.shape[0]} != accumulator size {self.dim}")
         self._sum += s
+        self._square_sum += q64.pow(2).sum(0)
         self.count += int(q.shape[0])
 
     def sums(self) -> tuple[Tensor, int]:
@@ -137,15 +164,31 @@ class CentroidAccumulator:
             raise RuntimeError("CentroidAccumulator is empty and has no size yet")
         return self._sum.clone(), self.count
 
-    def load_sums(self, sum_vec: Tensor, count: int) -> None:
-        """Replace the state by (sum_vec (D,), count), e.g. the all-reduced totals."""
+    def square_sums(self) -> Tensor:
+        """(D,) float64 sum of squared embeddings — all-reduced like :meth:`sums`."""
+        if self._square_sum is None:
+            raise RuntimeError("CentroidAccumulator is empty and has no size yet")
+        return self._square_sum.clone()
+
+    def load_sums(self, sum_vec: Tensor, count: int, square_sum: Tensor | None = None) -> None:
+        """Replace the state by (sum_vec (D,), count[, square_sum (D,)]), e.g. the all-reduced totals.
+        Without ``square_sum`` (a checkpoint written before it was kept) :meth:`variance` is unavailable."""
         s = sum_vec.detach().reshape(-1).to(device="cpu", dtype=torch.float64).clone()
         if int(count) < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         self.dim, self._sum, self.count = int(s.shape[0]), s, int(count)
+        self._square_sum = None if square_sum is None else \
+            square_sum.detach().reshape(-1).to(device="cpu", dtype=torch.float64).clone()
 
     def mean(self) -> Tensor:
         """c_buf: (D,) float32, the mean of every embedding added (or loaded) so far."""
         if self.count == 0:
             raise RuntimeError("CentroidAccumulator.mean() with no embeddings added")
         return (self._sum / self.count).to(torch.float32)
+
+    def variance(self) -> Tensor:
+        """(D,) float32 per-coordinate (population) variance of every embedding added so far."""
+        if self.count == 0 or self._square_sum is None:
+            raise RuntimeError("CentroidAccumulator.variance() with no embeddings (or no square sums) loaded")
+        mean = self._sum / self.count
+        return (self._square_sum / self.count - mean.pow(2)).clamp(min=0).to(torch.float32)
