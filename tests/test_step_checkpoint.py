@@ -119,18 +119,26 @@ def test_interrupted_mid_task_ends_bit_identical(case, finished_run, cram_run, t
     assert _same_end(out, finished_run if method == "lora-ft" else cram_run)
 
 
-def test_standardized_metric_resumed_mid_warmup_keeps_its_variances(tmp_path, monkeypatch, warm_cache):
-    """routing_metric=standardized: the warm-up's running square sums (phase_state) come back too, so every
-    expert's variance, hence the routing, ends bit-identical to an uninterrupted run."""
+# CRAM with the standardized metric and its own centroid lr (two optimizer groups): interrupted in task 0's
+# warm-up (the square sums must come back) or in its stable phase (both groups' Adam state and lr must).
+ROUTING_EXTRA = ["train.step_checkpoint_every=1", "method.routing_metric=standardized", "method.centroid_lr=5e-4"]
+
+
+@pytest.fixture(scope="module")
+def routing_reference(tmp_path_factory, warm_cache):
     from cramcl.engine.runner import run_stream
 
-    extra = ["train.step_checkpoint_every=1", "method.routing_metric=standardized"]
-    reference = tmp_path / "reference"
-    run_stream(quick_config("cram", extra=extra), reference, log=LogSink())
-    out, log = _interrupted_then_resumed(tmp_path, monkeypatch, "cram", extra, "step_checkpoint_done", 1)
+    out = tmp_path_factory.mktemp("routing-ref") / "run"
+    run_stream(quick_config("cram", extra=ROUTING_EXTRA), out, log=LogSink())
+    return out
+
+
+@pytest.mark.parametrize("nth", [1, 4], ids=["warmup", "stable"])
+def test_standardized_metric_and_centroid_lr_resume_bit_identical(routing_reference, nth, tmp_path, monkeypatch):
+    out, log = _interrupted_then_resumed(tmp_path, monkeypatch, "cram", ROUTING_EXTRA, "step_checkpoint_done", nth)
     assert any("after optimizer step" in line and "from checkpoints/step" in line for line in log), log
-    assert any(k.startswith("cram.expert_variance.") for k in _state(reference)[0])
-    assert _same_end(out, reference)
+    assert any(k.startswith("cram.expert_variance.") for k in _state(routing_reference)[0])
+    assert _same_end(out, routing_reference)
 
 
 def test_a_damaged_step_checkpoint_is_reported_and_the_task_restarts(finished_run, tmp_path, monkeypatch):

@@ -117,6 +117,15 @@ class NonFiniteWatch:
         self.first_step = torch.full((), -1, dtype=torch.long, device=self.device)
 
 
+def _checked_groups(method, lr: float, params: list) -> list[dict]:
+    """The method's optimizer groups, checked to hold every trainable parameter exactly once."""
+    groups = [g for g in method.optimizer_groups(lr) if g["params"]]
+    ids = [id(p) for g in groups for p in g["params"]]
+    if len(ids) != len(set(ids)) or set(ids) != {id(p) for p in params}:
+        raise RuntimeError(f"{method.name}: optimizer_groups() must hold each trainable parameter exactly once")
+    return groups
+
+
 def _lr_position(done: int, phase_start: int, phase, total: int) -> tuple[int, int]:
     """(step, span) of the lr schedule at optimizer step ``done`` of the task: a phase with its own lr (e.g.
     routing-cl's gates) runs its own schedule from the phase's first step; the others share the task's."""
@@ -185,7 +194,9 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
             raise RuntimeError(f"{method.name}: phase '{phase.name}' has nothing to train")
         trained.update({id(p): p.numel() for p in params})
         base_lr = phase.lr if phase.lr is not None else cfg.lr
-        opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
+        groups = _checked_groups(method, base_lr, params)
+        peak_lrs = [g["lr"] for g in groups]  # kept here, not in the groups: a step checkpoint restores those
+        opt = torch.optim.AdamW(groups, lr=base_lr, weight_decay=cfg.weight_decay)
         phase_batches = all_batches[done * cfg.grad_accum:phase_end * cfg.grad_accum]
         loader = make_loader(records, phase_batches, micro_global, backbone, train=True, workers=loader_workers,
                              pin=accelerator.device.type == "cuda")
@@ -219,8 +230,9 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
                         skip = not bool(ok)
                         watch.forget()
                     step, span = _lr_position(done, phase_start, phase, total)
-                    for group in opt.param_groups:
-                        group["lr"] = base_lr * lr_factor(step, span, cfg.warmup_ratio, cfg.scheduler)
+                    factor = lr_factor(step, span, cfg.warmup_ratio, cfg.scheduler)
+                    for group, peak in zip(opt.param_groups, peak_lrs):
+                        group["lr"] = peak * factor
                 if not skip:
                     opt.step()
                 opt.zero_grad(set_to_none=True)

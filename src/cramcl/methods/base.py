@@ -6,6 +6,7 @@
     phases(t, steps) -> [Phase]           how the task's optimizer steps split (e.g. warm-up / stable)
     begin_phase(phase) / end_phase(phase) change the trainable set (the trainer re-prepares the optimizer)
     trainable_parameters()                what the optimizer sees in the current phase
+    optimizer_groups(lr)                  how those parameters split into learning-rate groups (default: one)
     prepare_batch(batch, train)           set routing state for this batch; at eval no task id is given
     compute_loss(model, batch)            -> (loss, {name: aux loss}) ; the trainer backpropagates `loss`
     after_task(t)                         freeze, consolidate statistics
@@ -94,6 +95,11 @@ class Method:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.parameters() if p.requires_grad]
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """``trainable_parameters()`` as optimizer groups ``[{"params": [...], "lr": peak lr}, ...]``, each
+        following the run's schedule from its own peak; every trainable parameter in exactly one group."""
+        return [{"params": self.trainable_parameters(), "lr": lr}]
 
     def prepare_batch(self, batch: dict, train: bool) -> None:
         pass

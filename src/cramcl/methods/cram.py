@@ -209,6 +209,13 @@ class Cram(Method):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return super().trainable_parameters() + [p for p in self.centroids.parameters() if p.requires_grad]
 
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """The new expert's centroids at ``method.centroid_lr`` when it is set (one group otherwise)."""
+        if self.cfg.centroid_lr is None:
+            return super().optimizer_groups(lr)
+        return [{"params": super().trainable_parameters(), "lr": lr},
+                {"params": [p for p in self.centroids.parameters() if p.requires_grad], "lr": self.cfg.centroid_lr}]
+
     # ------------------------------------------------------------------ consolidation
     def expert_for_task(self, task_index: int) -> int | None:
         return self.expert_task.index(task_index) if task_index in self.expert_task else None

@@ -35,6 +35,8 @@ class CramConfig(RoutingEncoderConfig):
     max_groups: int = 5  # 5 on UCIT, 10 on TriGap
     group_init_samples: int = 32  # the task's first N samples decide its group
     lambda_orth: float = 1.0
+    # the centroids' peak lr; None: train.lr (the paper trains them with the same lr as the experts)
+    centroid_lr: float | None = None
 
     def problems(self) -> list[str]:
         """Settings out of range, one line each (checked when the config is resolved)."""
@@ -50,7 +52,8 @@ class CramConfig(RoutingEncoderConfig):
                   ("routing", self.routing in ROUTING_MODES, f"one of {', '.join(ROUTING_MODES)}"),
                   ("sigma_units", self.sigma_units in SIGMA_UNITS, f"one of {', '.join(SIGMA_UNITS)}"),
                   ("routing_metric", self.routing_metric in ROUTING_METRICS, f"one of {', '.join(ROUTING_METRICS)}"),
-                  ("metric_shrinkage", self.metric_shrinkage > 0, "> 0")]
+                  ("metric_shrinkage", self.metric_shrinkage > 0, "> 0"),
+                  ("centroid_lr", self.centroid_lr is None or self.centroid_lr > 0, "null or > 0")]
         return [f"{name}: {getattr(self, name)!r} must be {want}" for name, ok, want in checks if not ok]
 
     @property
