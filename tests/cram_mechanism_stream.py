@@ -128,6 +128,21 @@ def rbf(q: torch.Tensor, C: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.softmax(-d2 / (2 * sigma ** 2), dim=-1)
 
 
+def open_mechanism_session(root: Path, extra=()):
+    """A session on this stream with the quick profile's CRAM values pinned (the groups [a, b, a] and a
+    penalty gate well above 0 rely on them), plus ``extra`` settings."""
+    from conftest import LogSink
+    from cramcl.config import resolve_config
+    from cramcl.engine.session import open_session
+
+    bench = write_benchmark(root / "bench")
+    cfg = resolve_config(method="cram", profile="quick", overrides=[
+        f"data.benchmark={bench}", "backbone.base_steps=4", "backbone.base_batch_size=8",
+        f"train.batch_size={BATCH}", "method.group_init_samples=8",
+        "method.theta=0.25", "method.sigma=0.25", "method.warmup_fraction=0.2", "method.tau_novel=0.9", *extra])
+    return open_session(cfg, root / "run", log=LogSink())
+
+
 # ----------------------------------------------------------------------------------------- driver
 def collate(s, records, train):
     s.backbone.prepare(records)

@@ -28,26 +28,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cram_mechanism_stream import (BATCH, basis, check_stream_shape, collate, drive, expected_delta, penalty_probe,
-                                   write_benchmark)
+from cram_mechanism_stream import (basis, check_stream_shape, collate, drive, expected_delta, open_mechanism_session,
+                                   penalty_probe)
 
 
 # ----------------------------------------------------------------------------------------- fixture
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory):
     """CRAM trained by hand through the three tasks; everything the tests check is recorded on the way."""
-    from conftest import LogSink
-    from cramcl.config import resolve_config
-    from cramcl.engine.session import open_session
-
-    root = tmp_path_factory.mktemp("cram_mech")
-    bench = write_benchmark(root / "bench")
-    cfg = resolve_config(method="cram", profile="quick", overrides=[
-        f"data.benchmark={bench}", "backbone.base_steps=4", "backbone.base_batch_size=8",
-        f"train.batch_size={BATCH}", "method.group_init_samples=8",
-        # the quick profile's CRAM values, pinned: the groups [a, b, a] and a gate well above 0 rely on them
-        "method.theta=0.25", "method.sigma=0.25", "method.warmup_fraction=0.2", "method.tau_novel=0.9"])
-    s = open_session(cfg, root / "run", log=LogSink())
+    s = open_mechanism_session(tmp_path_factory.mktemp("cram_mech"))
     torch.manual_seed(0)
     recs = {}
     for t in range(3):

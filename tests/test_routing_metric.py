@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cram_mechanism_stream import check_stream_shape, collate, drive, write_benchmark
+from cram_mechanism_stream import check_stream_shape, collate, drive, open_mechanism_session
 
 torch.set_num_threads(1)
 
@@ -93,19 +93,8 @@ def test_unknown_metric_and_bad_shrinkage_are_config_errors():
 # ----------------------------------------------------------------------------------------- CRAM by hand
 @pytest.fixture(scope="module")
 def standardized(tmp_path_factory):
-    from conftest import LogSink
-    from cramcl.config import resolve_config
-    from cramcl.engine.session import open_session
-    from cram_mechanism_stream import BATCH
-
-    root = tmp_path_factory.mktemp("cram_metric")
-    bench = write_benchmark(root / "bench")
-    cfg = resolve_config(method="cram", profile="quick", overrides=[
-        f"data.benchmark={bench}", "backbone.base_steps=4", "backbone.base_batch_size=8",
-        f"train.batch_size={BATCH}", "method.group_init_samples=8", "method.theta=0.25", "method.sigma=0.25",
-        "method.warmup_fraction=0.2", "method.tau_novel=0.9", "method.routing_metric=standardized",
-        "method.metric_shrinkage=0.5"])
-    s = open_session(cfg, root / "run", log=LogSink())
+    s = open_mechanism_session(tmp_path_factory.mktemp("cram_metric"),
+                               ["method.routing_metric=standardized", "method.metric_shrinkage=0.5"])
     torch.manual_seed(0)
     recs = {}
     for t in range(3):
