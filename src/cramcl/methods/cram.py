@@ -225,13 +225,13 @@ class Cram(Method):
 
     @torch.no_grad()
     def _consolidate(self) -> None:
+        # every process's warm-up sums, all-reduced, then read back through the accumulator's mean / variance
         sums, count = self._c_buf.sums()
-        count_t = all_reduce_sum(torch.tensor([float(count)]))
-        n = count_t.to(self.device).clamp(min=1)
-        c_buf = all_reduce_sum(sums.to(self.device)) / n
-        variance = None if self.cfg.routing_metric == "euclidean" else \
-            (all_reduce_sum(self._c_buf.square_sums().to(self.device)) / n - c_buf.pow(2)).clamp(min=0)
-        c_buf = c_buf.float()
+        count = int(all_reduce_sum(torch.tensor([float(count)])).item())
+        square_sums = all_reduce_sum(self._c_buf.square_sums().to(self.device)).cpu()
+        self._c_buf.load_sums(all_reduce_sum(sums.to(self.device)).cpu(), count, square_sums)
+        c_buf = self._c_buf.mean().to(self.device)
+        variance = None if self.cfg.routing_metric == "euclidean" else self._c_buf.variance()
         group, task = self.task_group[-1], self.current_task
         history = self._group_experts(group)
         ranks = {}
