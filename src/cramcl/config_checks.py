@@ -80,5 +80,10 @@ def check_choices(cfg, where: str, origins: dict[str, str] | None = None) -> Non
     if cfg.train.epochs_per_task is None and isinstance(steps, int) and 1 <= steps < least:
         problems.append(f"{at('train.steps_per_task')}: train.steps_per_task: {steps} is too few for {cfg.method}, "
                         f"which needs at least {least} steps per task")
+    if getattr(method_cfg, "image_feature_blocks", None) and (cfg.backbone.name != "tiny"
+                                                              or method_cfg.image_encoder != "backbone"):
+        problems.append(f"{at('method.image_feature_blocks')}: method.image_feature_blocks: pooled vision blocks "
+                        f"come from the tiny backbone's encoder (backbone.name is '{cfg.backbone.name}', "
+                        f"method.image_encoder '{method_cfg.image_encoder}'); leave it empty")
     if problems:
         raise BadInputError(problems)

@@ -8,7 +8,7 @@ encoder, CLIP's text tower included (``text_encoder: /path/to/clip``), and a loc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -116,6 +116,19 @@ class RoutingEncoderConfig:
     text_encoder: str = "minilm"  # or a local path to any HF text encoder / CLIP
     image_encoder: str = "backbone"  # pooled backbone features, or a local path to a CLIP model
     normalize_embeddings: bool = True
+    # blocks of the tiny backbone's vision encoder whose pooled outputs join its final features in q (each part
+    # L2-normalised when normalize_embeddings): early blocks keep the colour, brightness and texture that the
+    # final ImageNet features are trained to ignore (docs/routing-study.md). Empty: the final features alone.
+    image_feature_blocks: list[int] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        from cramcl.backbones.tiny.vision import NUM_BLOCKS
+
+        blocks = self.image_feature_blocks
+        ok = isinstance(blocks, list) and all(isinstance(b, int) and 0 <= b < NUM_BLOCKS for b in blocks) \
+            and len(set(blocks)) == len(blocks)
+        return [] if ok else [f"image_feature_blocks: {blocks!r} must be a list of distinct block indices "
+                              f"in [0, {NUM_BLOCKS - 1}]"]
 
 
 class RoutingEncoders:
@@ -123,13 +136,20 @@ class RoutingEncoders:
 
     @classmethod
     def from_config(cls, backbone, cfg: RoutingEncoderConfig) -> "RoutingEncoders":
-        return cls(backbone, cfg.text_encoder, cfg.image_encoder, cfg.normalize_embeddings)
+        return cls(backbone, cfg.text_encoder, cfg.image_encoder, cfg.normalize_embeddings, cfg.image_feature_blocks)
 
-    def __init__(self, backbone, text_encoder: str = "minilm", image_encoder: str = "backbone", normalize: bool = True):
+    def __init__(self, backbone, text_encoder: str = "minilm", image_encoder: str = "backbone", normalize: bool = True,
+                 image_feature_blocks=()):
         self.backbone = backbone
         self.text = TextEncoder(text_encoder)
         self.image = None if image_encoder == "backbone" else ClipImageEncoder(image_encoder)
         self.normalize = normalize
+        self.blocks = tuple(image_feature_blocks)
+        if self.blocks and (self.image is not None or not hasattr(backbone, "pooled_block_features")):
+            from cramcl.errors import BadInputError
+
+            raise BadInputError("method.image_feature_blocks: pooled vision blocks come from the tiny backbone's "
+                                "encoder; with a CLIP image_encoder or an hf backbone leave it empty")
 
     def _norm(self, x: Tensor) -> Tensor:
         return torch.nn.functional.normalize(x, dim=-1) if self.normalize else x
@@ -137,17 +157,23 @@ class RoutingEncoders:
     def precompute(self, records) -> None:
         """Encode every distinct text and image of ``records`` now (batched), filling the caches."""
         self.text.encode([r.question for r in records])
-        if self.image is None:
-            self.backbone.pooled_image_features(records)
-        else:
-            self.image.encode_records(records)
+        self._image_parts(records)
 
     def text_embeddings(self, records) -> Tensor:
         """(B, D_t)"""
         return self._norm(self.text.encode([r.question for r in records]))
 
     def image_embeddings(self, records) -> Tensor:
-        """(B, D_q)"""
-        if self.image is None:
-            return self._norm(self.backbone.pooled_image_features(records).float())
-        return self._norm(self.image.encode_records(records))
+        """(B, D_q); with image_feature_blocks the parts are normalised one by one, then scaled by
+        1/sqrt(parts) so that q is unit-norm again and each part weighs the same in a squared distance."""
+        parts = [self._norm(p.float()) for p in self._image_parts(records)]
+        if len(parts) == 1:
+            return parts[0]
+        q = torch.cat(parts, dim=-1)
+        return q / len(parts) ** 0.5 if self.normalize else q
+
+    def _image_parts(self, records) -> list[Tensor]:
+        if self.image is not None:
+            return [self.image.encode_records(records)]
+        final = self.backbone.pooled_image_features(records)
+        return [final, *self.backbone.pooled_block_features(records, self.blocks)] if self.blocks else [final]

@@ -101,13 +101,22 @@ class TinyBackbone:
 
     def _features(self, records: list[Record]) -> Tensor:
         """(B, n_img, 1280); images not prepared yet are encoded (and cached) now."""
+        self._prepare_missing(records)
+        return self.vision.features([self.vision._digest_of[r.image] for r in records])
+
+    def _prepare_missing(self, records: list[Record]) -> None:
         missing = [r.image for r in records if r.image not in self.vision._digest_of]
         if missing:
             self.vision.prepare(missing)
-        return self.vision.features([self.vision._digest_of[r.image] for r in records])
 
     def pooled_image_features(self, records: list[Record]) -> Tensor:
         return self._features(records).mean(dim=1)  # (B, 1280)
+
+    def pooled_block_features(self, records: list[Record], blocks: tuple[int, ...]) -> list[Tensor]:
+        """Per vision block of ``blocks``: (B, C_block), its output mean-pooled (routing features that keep the
+        colour and texture the final ImageNet features discard; method.image_feature_blocks)."""
+        self._prepare_missing(records)
+        return self.vision.pooled_block_features([r.image for r in records], blocks)
 
     def describe(self) -> dict:
         return {"backbone": "tiny", "vision": self.vision.identity, "vocab_size": self.tokenizer.get_vocab_size(),

@@ -17,6 +17,8 @@ from torch import Tensor
 from cramcl.utils.progress import bar as progress_bar
 
 FEATURE_DIM = 1280
+#: EfficientNet-Lite0's MBConv blocks, 0-15 (block 5: 80 channels at stride 16)
+NUM_BLOCKS = 16
 
 
 def cache_root() -> Path:
@@ -48,6 +50,7 @@ class EfficientNetFeatures:
         self.cache_dir = cache_root() / "features" / self.identity
         self._net = None
         self._memory: dict[str, Tensor] = {}  # digest -> (n_tokens, 1280)
+        self._pooled: dict[tuple[str, str], Tensor] = {}  # (digest, 'pooled_block<b>') -> (C_b,)
         self._digest_of: dict[Path, str] = {}
 
     @property
@@ -85,22 +88,63 @@ class EfficientNetFeatures:
         todo = list({dg: (p, dg) for p, dg in todo}.values())
         for start in progress_bar(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
             chunk = todo[start:start + self.batch_size]
-            x = torch.stack([load_image_tensor(p, self.image_size) for p, _ in chunk])
-            # a short last batch is padded to full size: a convolution over 4 images is not bit-identical to one
-            # over 16, so otherwise an image's cached features would depend on which images came with it
-            pad = self.batch_size - len(chunk)
-            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)]) if pad > 0 else x
-            feats = self.net.extract_features(x)[: len(chunk)]  # (b, 1280, h, w)
-            feats = feats.flatten(2).transpose(1, 2).contiguous()  # (b, h*w, 1280)
+            feats, _ = self._forward([p for p, _ in chunk], blocks=())
             for (_, dg), f in zip(chunk, feats):
-                out = self._path(dg)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(f".tmp{os.getpid()}")
-                save_file({"features": f.clone()}, str(tmp))
-                os.replace(tmp, out)  # atomic: a crashed run never leaves a torn cache file
+                self._store(dg, {"features": f})
                 self._memory[dg] = f.clone()
         return digests
 
     def features(self, digests: list[str]) -> Tensor:
         """(B, n_tokens, 1280) for already prepared images."""
         return torch.stack([self._memory[d] for d in digests])
+
+    @torch.no_grad()
+    def pooled_block_features(self, paths: list[Path], blocks: tuple[int, ...]) -> list[Tensor]:
+        """Per block b of ``blocks``: (B, C_b), block b's output mean-pooled over its positions, for images
+        already prepared. Cached in the image's feature file next to its tokens (which are never rewritten)."""
+        digests = [self._digest_of[Path(p)] for p in paths]
+        keys = [f"pooled_block{b}" for b in blocks]
+        todo = []
+        for path, dg in {dg: (Path(p), dg) for p, dg in zip(paths, digests)}.values():
+            if all((dg, k) in self._pooled for k in keys):
+                continue
+            cached = load_file(self._path(dg))
+            if all(k in cached for k in keys):
+                self._pooled.update(((dg, k), cached[k]) for k in keys)
+            else:
+                todo.append((path, dg, cached))
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            _, pooled = self._forward([p for p, _, _ in chunk], blocks)
+            for i, (_, dg, cached) in enumerate(chunk):
+                new = {k: pooled[b][i] for k, b in zip(keys, blocks)}
+                self._store(dg, {**cached, **new})
+                self._pooled.update(((dg, k), v) for k, v in new.items())
+        return [torch.stack([self._pooled[(dg, k)] for dg in digests]) for k in keys]
+
+    def _forward(self, paths: list[Path], blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
+        """(b, h*w, 1280) final tokens and {block: (b, C_block)} pooled block outputs of at most batch_size images."""
+        x = torch.stack([load_image_tensor(p, self.image_size) for p in paths])
+        # a short last batch is padded to full size: a convolution over 4 images is not bit-identical to one
+        # over 16, so otherwise an image's cached features would depend on which images came with it
+        pad = self.batch_size - len(paths)
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)]) if pad > 0 else x
+        pooled: dict[int, Tensor] = {}
+
+        def keep(b):
+            return lambda _module, _inputs, out: pooled.__setitem__(b, out[: len(paths)].mean((2, 3)))
+
+        hooks = [self.net._blocks[b].register_forward_hook(keep(b)) for b in blocks]
+        try:
+            feats = self.net.extract_features(x)[: len(paths)]  # (b, 1280, h, w)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return feats.flatten(2).transpose(1, 2).contiguous(), {b: v.contiguous() for b, v in pooled.items()}
+
+    def _store(self, digest: str, tensors: dict[str, Tensor]) -> None:
+        out = self._path(digest)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.clone() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, out)  # atomic: a crashed run never leaves a torn cache file
