@@ -84,6 +84,29 @@ def test_a_pooled_block_does_not_depend_on_its_batch_mates(tmp_path, monkeypatch
     assert torch.equal(first, among)
 
 
+def test_blocks_asked_for_in_advance_come_from_the_tokens_forward(tmp_path, monkeypatch):
+    """A routing encoder registers its blocks before the run encodes its images: one forward per image gives
+    tokens and pooled blocks, equal to what a later, separate pass computes."""
+    paths = _images(tmp_path, 3)
+    later = _vision(tmp_path / "later", monkeypatch)
+    later.prepare(paths)
+    want = later.pooled_block_features(paths, (5,))[0]
+    ahead = _vision(tmp_path / "ahead", monkeypatch)
+    ahead.pooled_blocks = (5,)
+    calls = []
+    forward = ahead._forward
+    monkeypatch.setattr(ahead, "_forward", lambda p, blocks: calls.append(blocks) or forward(p, blocks))
+    ahead.prepare(paths)
+    assert torch.equal(ahead.pooled_block_features(paths, (5,))[0], want)
+    assert calls == [(5,)]  # the tokens' forward, nothing after it
+    digests = [later._digest_of[p] for p in paths]
+    assert torch.equal(ahead.features(digests), later.features(digests))  # hooks leave the tokens alone
+    reread = _vision(tmp_path / "ahead", monkeypatch)  # and both went to the cache file
+    reread.prepare(paths)
+    monkeypatch.setattr(reread, "_forward", lambda *_a: pytest.fail("pooled block not cached with the tokens"))
+    assert torch.equal(reread.pooled_block_features(paths, (5,))[0], want)
+
+
 # ----------------------------------------------------------------------------------------- the embedding
 class _FakeBackbone:
     """pooled_image_features / pooled_block_features with fixed values (two images)."""
@@ -93,6 +116,9 @@ class _FakeBackbone:
 
     def pooled_image_features(self, records):
         return self.final[: len(records)]
+
+    def keep_pooled_blocks(self, blocks):
+        self.kept = blocks
 
     def pooled_block_features(self, records, blocks):
         assert blocks == (5,)
@@ -109,6 +135,7 @@ def test_q_concatenates_the_normalised_parts_scaled_back_to_unit_norm():
     b = torch.nn.functional.normalize(fake.block, dim=-1)
     assert torch.allclose(q, torch.cat([f, b], -1) / 2 ** 0.5, atol=1e-7)
     assert torch.allclose(q.norm(dim=-1), torch.ones(2), atol=1e-6)
+    assert fake.kept == (5,)  # told the backbone, so that images encoded later pool block 5 in the same pass
     raw = RoutingEncoders(fake, normalize=False, image_feature_blocks=[5]).image_embeddings(records)
     assert torch.equal(raw, torch.cat([fake.final, fake.block], -1))
     # without blocks: the final features alone, as before

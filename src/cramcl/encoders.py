@@ -145,11 +145,13 @@ class RoutingEncoders:
         self.image = None if image_encoder == "backbone" else ClipImageEncoder(image_encoder)
         self.normalize = normalize
         self.blocks = tuple(image_feature_blocks)
-        if self.blocks and (self.image is not None or not hasattr(backbone, "pooled_block_features")):
+        if self.blocks and (self.image is not None or not hasattr(backbone, "keep_pooled_blocks")):
             from cramcl.errors import BadInputError
 
             raise BadInputError("method.image_feature_blocks: pooled vision blocks come from the tiny backbone's "
                                 "encoder; with a CLIP image_encoder or an hf backbone leave it empty")
+        if self.blocks:
+            backbone.keep_pooled_blocks(self.blocks)
 
     def _norm(self, x: Tensor) -> Tensor:
         return torch.nn.functional.normalize(x, dim=-1) if self.normalize else x

@@ -112,6 +112,10 @@ class TinyBackbone:
     def pooled_image_features(self, records: list[Record]) -> Tensor:
         return self._features(records).mean(dim=1)  # (B, 1280)
 
+    def keep_pooled_blocks(self, blocks: tuple[int, ...]) -> None:
+        """Images encoded from now on also cache these blocks' pooled outputs (one forward for both)."""
+        self.vision.pooled_blocks = tuple(dict.fromkeys((*self.vision.pooled_blocks, *blocks)))
+
     def pooled_block_features(self, records: list[Record], blocks: tuple[int, ...]) -> list[Tensor]:
         """Per vision block of ``blocks``: (B, C_block), its output mean-pooled (routing features that keep the
         colour and texture the final ImageNet features discard; method.image_feature_blocks)."""

@@ -52,6 +52,9 @@ class EfficientNetFeatures:
         self._memory: dict[str, Tensor] = {}  # digest -> (n_tokens, 1280)
         self._pooled: dict[tuple[str, str], Tensor] = {}  # (digest, 'pooled_block<b>') -> (C_b,)
         self._digest_of: dict[Path, str] = {}
+        # blocks whose pooled outputs a routing encoder will ask for: computed in the same forward as the
+        # tokens of every image encoded from now on (otherwise each image would be encoded twice)
+        self.pooled_blocks: tuple[int, ...] = ()
 
     @property
     def net(self):
@@ -82,16 +85,21 @@ class EfficientNetFeatures:
                 continue
             cached = self._path(dg)
             if cached.exists():
-                self._memory[dg] = load_file(cached)["features"]
+                tensors = load_file(cached)
+                self._memory[dg] = tensors.pop("features")
+                self._pooled.update(((dg, k), v) for k, v in tensors.items())  # pooled blocks cached earlier
             else:
                 todo.append((path, dg))
         todo = list({dg: (p, dg) for p, dg in todo}.values())
+        keys = [f"pooled_block{b}" for b in self.pooled_blocks]
         for start in progress_bar(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
             chunk = todo[start:start + self.batch_size]
-            feats, _ = self._forward([p for p, _ in chunk], blocks=())
-            for (_, dg), f in zip(chunk, feats):
-                self._store(dg, {"features": f})
-                self._memory[dg] = f.clone()
+            feats, pooled = self._forward([p for p, _ in chunk], self.pooled_blocks)
+            for i, (_, dg) in enumerate(chunk):
+                new = {k: pooled[b][i] for k, b in zip(keys, self.pooled_blocks)}
+                self._store(dg, {"features": feats[i], **new})
+                self._memory[dg] = feats[i].clone()
+                self._pooled.update(((dg, k), v.clone()) for k, v in new.items())
         return digests
 
     def features(self, digests: list[str]) -> Tensor:
@@ -108,7 +116,7 @@ class EfficientNetFeatures:
         for path, dg in {dg: (Path(p), dg) for p, dg in zip(paths, digests)}.values():
             if all((dg, k) in self._pooled for k in keys):
                 continue
-            cached = load_file(self._path(dg))
+            cached = load_file(self._path(dg))  # another process may have added them since prepare() read it
             if all(k in cached for k in keys):
                 self._pooled.update(((dg, k), cached[k]) for k in keys)
             else:
@@ -118,8 +126,8 @@ class EfficientNetFeatures:
             _, pooled = self._forward([p for p, _, _ in chunk], blocks)
             for i, (_, dg, cached) in enumerate(chunk):
                 new = {k: pooled[b][i] for k, b in zip(keys, blocks)}
-                self._store(dg, {**cached, **new})
-                self._pooled.update(((dg, k), v) for k, v in new.items())
+                self._store(dg, {**cached, **new})  # the cached tokens and blocks are kept as they were
+                self._pooled.update(((dg, k), v.clone()) for k, v in new.items())
         return [torch.stack([self._pooled[(dg, k)] for dg in digests]) for k in keys]
 
     def _forward(self, paths: list[Path], blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
