@@ -31,6 +31,20 @@ def assert_refused(method: str, overrides: list[str], message: str) -> None:
     assert any(message in p for p in e.value.problems), e.value.problems
 
 
+def random_pngs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` 40x40 RGB noise images written to ``folder`` (inputs for the vision-cache tests)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
 def quick_config(method: str = "lora-ft", extra: tuple[str, ...] | list[str] = ()):
     """The resolved quick-profile config every end-to-end test uses."""
     from cramcl.config import resolve_config

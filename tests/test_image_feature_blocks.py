@@ -7,24 +7,14 @@ driven by hand on the mechanism stream (its centroids and c_buf live in the conc
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from conftest import random_pngs
 
 from cram_mechanism_stream import drive, open_mechanism_session
 
 torch.set_num_threads(1)
-
-
-def _images(folder, n):
-    rng = np.random.default_rng(1)
-    paths = []
-    for i in range(n):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
 
 
 def _vision(cache, monkeypatch):
@@ -38,7 +28,7 @@ def _vision(cache, monkeypatch):
 def test_pooled_block_is_the_blocks_mean_output_and_the_tokens_stay_as_cached(tmp_path, monkeypatch):
     from cramcl.backbones.tiny.vision import load_image_tensor
 
-    paths = _images(tmp_path, 3)
+    paths = random_pngs(tmp_path, 3, seed=1)
     vision = _vision(tmp_path / "cache", monkeypatch)
     digests = vision.prepare(paths)
     tokens = vision.features([digests[p] for p in paths]).clone()
@@ -73,7 +63,7 @@ def test_pooled_block_is_the_blocks_mean_output_and_the_tokens_stay_as_cached(tm
 
 
 def test_a_pooled_block_does_not_depend_on_its_batch_mates(tmp_path, monkeypatch):
-    paths = _images(tmp_path, 18)
+    paths = random_pngs(tmp_path, 18, seed=1)
     alone = _vision(tmp_path / "alone", monkeypatch)
     alone.prepare(paths[:1])
     crowd = _vision(tmp_path / "crowd", monkeypatch)
@@ -87,7 +77,7 @@ def test_a_pooled_block_does_not_depend_on_its_batch_mates(tmp_path, monkeypatch
 def test_blocks_asked_for_in_advance_come_from_the_tokens_forward(tmp_path, monkeypatch):
     """A routing encoder registers its blocks before the run encodes its images: one forward per image gives
     tokens and pooled blocks, equal to what a later, separate pass computes."""
-    paths = _images(tmp_path, 3)
+    paths = random_pngs(tmp_path, 3, seed=1)
     later = _vision(tmp_path / "later", monkeypatch)
     later.prepare(paths)
     want = later.pooled_block_features(paths, (5,))[0]

@@ -5,20 +5,10 @@ batch runs another convolution path, ~3e-5 apart) would make a run's inputs depe
 run happened to encode first."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-
-def _images(folder, n):
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
+from conftest import random_pngs
 
 
 def _features(cache, paths, monkeypatch, batch_size=16):
@@ -41,7 +31,7 @@ def test_an_images_features_do_not_depend_on_its_batch_mates(tmp_path, monkeypat
 
 
 def _check_batch_independence(tmp_path, monkeypatch):
-    paths = _images(tmp_path, 19)
+    paths = random_pngs(tmp_path, 19)
     alone = _features(tmp_path / "cache-alone", paths[:1], monkeypatch)  # a batch of one image (padded)
     crowd = _features(tmp_path / "cache-crowd", paths[1:] + paths[:1], monkeypatch)  # the 19th of 19: a batch of 3
     first = _features(tmp_path / "cache-first", paths, monkeypatch)  # the 1st of a full batch of 16
