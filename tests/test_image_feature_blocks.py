@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import random_pngs
-
 from cram_mechanism_stream import drive, open_mechanism_session
 
 torch.set_num_threads(1)
@@ -169,6 +168,13 @@ def test_blocks_with_an_hf_backbone_or_clip_are_a_config_error(tmp_path):
         with pytest.raises(BadInputError, match="image_feature_blocks"):
             resolve_config(method="cram", profile="quick", overrides=["method.image_feature_blocks=[5]", *extra])
     resolve_config(method="cram", profile="quick", overrides=["method.image_feature_blocks=[5]"])
+    # the default profile (the embedded backbone's) sets [5]; a real model's --config file empties it
+    from cramcl.config import CONFIG_DIR
+
+    for path in sorted((CONFIG_DIR / "backbones").glob("*.yaml")):
+        cfg = resolve_config(method="cram", profile="default", config_file=str(path))
+        assert cfg.method_args["image_feature_blocks"] == [], path.name
+    assert resolve_config(method="cram", profile="default").method_args["image_feature_blocks"] == [5]
 
 
 # ----------------------------------------------------------------------------------------- CRAM by hand

@@ -84,6 +84,6 @@ def check_choices(cfg, where: str, origins: dict[str, str] | None = None) -> Non
                                                               or method_cfg.image_encoder != "backbone"):
         problems.append(f"{at('method.image_feature_blocks')}: method.image_feature_blocks: pooled vision blocks "
                         f"come from the tiny backbone's encoder (backbone.name is '{cfg.backbone.name}', "
-                        f"method.image_encoder '{method_cfg.image_encoder}'); leave it empty")
+                        f"method.image_encoder '{method_cfg.image_encoder}'); set method.image_feature_blocks=[]")
     if problems:
         raise BadInputError(problems)
