@@ -118,7 +118,7 @@ class RoutingEncoderConfig:
     normalize_embeddings: bool = True
     # blocks of the tiny backbone's vision encoder whose pooled outputs join its final features in q (each part
     # L2-normalised when normalize_embeddings): early blocks keep the colour, brightness and texture that the
-    # final ImageNet features are trained to ignore (docs/routing-study.md). Empty: the final features alone.
+    # final ImageNet features are largely insensitive to (docs/routing-study.md). Empty: the final features alone.
     image_feature_blocks: list[int] = field(default_factory=list)
 
     def problems(self) -> list[str]:

@@ -118,7 +118,7 @@ class TinyBackbone:
 
     def pooled_block_features(self, records: list[Record], blocks: tuple[int, ...]) -> list[Tensor]:
         """Per vision block of ``blocks``: (B, C_block), its output mean-pooled (routing features that keep the
-        colour and texture the final ImageNet features discard; method.image_feature_blocks)."""
+        colour and texture the final ImageNet features are largely insensitive to; method.image_feature_blocks)."""
         self._prepare_missing(records)
         return self.vision.pooled_block_features([r.image for r in records], blocks)
 
