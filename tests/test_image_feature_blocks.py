@@ -156,7 +156,8 @@ def test_block_indices_are_checked(blocks, ok):
         if ok:
             resolve_config(method=method, profile="quick", overrides=override)
         else:
-            with pytest.raises(BadInputError, match="image_feature_blocks: (.* distinct block indices in|expected a list)"):
+            wanted = "image_feature_blocks: (.* distinct block indices in|expected a list)"
+            with pytest.raises(BadInputError, match=wanted):
                 resolve_config(method=method, profile="quick", overrides=override)
 
 
