@@ -21,6 +21,11 @@ FEATURE_DIM = 1280
 NUM_BLOCKS = 16
 
 
+def pooled_key(block: int) -> str:
+    """The name of a block's pooled output in an image's cached feature file."""
+    return f"pooled_block{block}"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("CRAMCL_CACHE", Path.home() / ".cache" / "cramcl"))
 
@@ -50,7 +55,7 @@ class EfficientNetFeatures:
         self.cache_dir = cache_root() / "features" / self.identity
         self._net = None
         self._memory: dict[str, Tensor] = {}  # digest -> (n_tokens, 1280)
-        self._pooled: dict[tuple[str, str], Tensor] = {}  # (digest, 'pooled_block<b>') -> (C_b,)
+        self._pooled: dict[str, dict[str, Tensor]] = {}  # digest -> {pooled_key(b): (C_b,)}
         self._digest_of: dict[Path, str] = {}
         # blocks whose pooled outputs a routing encoder will ask for: computed in the same forward as the
         # tokens of every image encoded from now on (otherwise each image would be encoded twice)
@@ -87,19 +92,17 @@ class EfficientNetFeatures:
             if cached.exists():
                 tensors = load_file(cached)
                 self._memory[dg] = tensors.pop("features")
-                self._pooled.update(((dg, k), v) for k, v in tensors.items())  # pooled blocks cached earlier
+                self._pooled[dg] = tensors  # the pooled blocks cached with it, if any
             else:
                 todo.append((path, dg))
         todo = list({dg: (p, dg) for p, dg in todo}.values())
-        keys = [f"pooled_block{b}" for b in self.pooled_blocks]
         for start in progress_bar(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
             chunk = todo[start:start + self.batch_size]
             feats, pooled = self._forward([p for p, _ in chunk], self.pooled_blocks)
             for i, (_, dg) in enumerate(chunk):
-                new = {k: pooled[b][i] for k, b in zip(keys, self.pooled_blocks)}
-                self._store(dg, {"features": feats[i], **new})
                 self._memory[dg] = feats[i].clone()
-                self._pooled.update(((dg, k), v.clone()) for k, v in new.items())
+                self._pooled[dg] = {k: v[i].clone() for k, v in pooled.items()}
+                self._store(dg, {"features": self._memory[dg], **self._pooled[dg]})
         return digests
 
     def features(self, digests: list[str]) -> Tensor:
@@ -111,36 +114,29 @@ class EfficientNetFeatures:
         """Per block b of ``blocks``: (B, C_b), block b's output mean-pooled over its positions, for images
         already prepared. Cached in the image's feature file next to its tokens (which are never rewritten)."""
         digests = [self._digest_of[Path(p)] for p in paths]
-        keys = [f"pooled_block{b}" for b in blocks]
-        todo = []
-        for path, dg in {dg: (Path(p), dg) for p, dg in zip(paths, digests)}.values():
-            if all((dg, k) in self._pooled for k in keys):
-                continue
-            cached = load_file(self._path(dg))  # another process may have added them since prepare() read it
-            if all(k in cached for k in keys):
-                self._pooled.update(((dg, k), cached[k]) for k in keys)
-            else:
-                todo.append((path, dg, cached))
+        keys = [pooled_key(b) for b in blocks]
+        todo = [(path, dg) for path, dg in {dg: (Path(p), dg) for p, dg in zip(paths, digests)}.values()
+                if not all(k in self._pooled[dg] for k in keys)]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
-            _, pooled = self._forward([p for p, _, _ in chunk], blocks)
-            for i, (_, dg, cached) in enumerate(chunk):
-                new = {k: pooled[b][i] for k, b in zip(keys, blocks)}
-                self._store(dg, {**cached, **new})  # the cached tokens and blocks are kept as they were
-                self._pooled.update(((dg, k), v.clone()) for k, v in new.items())
-        return [torch.stack([self._pooled[(dg, k)] for dg in digests]) for k in keys]
+            _, pooled = self._forward([p for p, _ in chunk], blocks)
+            for i, (_, dg) in enumerate(chunk):
+                self._pooled[dg].update({k: v[i].clone() for k, v in pooled.items()})
+                self._store(dg, {"features": self._memory[dg], **self._pooled[dg]})  # the cached tokens as they were
+        return [torch.stack([self._pooled[dg][k] for dg in digests]) for k in keys]
 
-    def _forward(self, paths: list[Path], blocks: tuple[int, ...]) -> tuple[Tensor, dict[int, Tensor]]:
-        """(b, h*w, 1280) final tokens and {block: (b, C_block)} pooled block outputs of at most batch_size images."""
+    def _forward(self, paths: list[Path], blocks: tuple[int, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(b, h*w, 1280) final tokens and {pooled_key(block): (b, C_block)} pooled block outputs of at most
+        batch_size images."""
         x = torch.stack([load_image_tensor(p, self.image_size) for p in paths])
         # a short last batch is padded to full size: a convolution over 4 images is not bit-identical to one
         # over 16, so otherwise an image's cached features would depend on which images came with it
         pad = self.batch_size - len(paths)
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)]) if pad > 0 else x
-        pooled: dict[int, Tensor] = {}
+        pooled: dict[str, Tensor] = {}
 
         def keep(b):
-            return lambda _module, _inputs, out: pooled.__setitem__(b, out[: len(paths)].mean((2, 3)))
+            return lambda _module, _inputs, out: pooled.__setitem__(pooled_key(b), out[: len(paths)].mean((2, 3)))
 
         hooks = [self.net._blocks[b].register_forward_hook(keep(b)) for b in blocks]
         try:
