@@ -71,7 +71,7 @@ from cramcl.data.builtin._common import Sample, pixel_hash
 from cramcl.errors import BadInputError
 
 # Bump whenever generation changes what it writes, so stale cached benchmarks get regenerated.
-BUILTIN_VERSION = "cramcl-builtin/5"
+BUILTIN_VERSION = "cramcl-builtin/6"
 PRETRAIN_QUESTION = "Describe the image."
 #: Binding records per captioned base image (the base's reading stage, :mod:`.reading`).
 BINDING_PER_IMAGE = 3

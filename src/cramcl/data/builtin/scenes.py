@@ -13,6 +13,8 @@ from cramcl.data.builtin._common import BACKGROUND, COLOUR_NAMES, PALETTE, Sampl
 
 MAX_DOTS = 4
 SHAPES = ("circle", "square", "triangle")
+MIN_SIZE, MAX_SIZE = 0.22, 0.32  # a shape's size, as a share of the image side
+ACROSS_JITTER = 0.06  # the most two related shapes' centres differ across the relation axis (share of the side)
 
 
 def _dot_scene(rng: np.random.Generator, image_size: int) -> Sample:
@@ -37,7 +39,11 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
     """One shape (a third of scenes) or two of distinct colours, side by side or one above the other.
 
     The caption names the left (or upper) shape first: "a red circle left of a blue square",
-    "a red circle above a blue square", or just "a red circle".
+    "a red circle above a blue square", or just "a red circle". Two shapes lie along one axis: their centres
+    differ across it by at most ``ACROSS_JITTER`` of the image, along it by more than 0.22 of it, so the image
+    fits one relation only (with both coordinates free, 40% of pairs lay both left of and above each other).
+    The generic caption (the base corpus's) names the arrangement: "two shapes side by side" / "two shapes
+    one above the other".
     """
     s = float(image_size)
     im = Image.new("RGB", (image_size, image_size), BACKGROUND)
@@ -45,7 +51,7 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
     count = 1 if rng.random() < 1 / 3 else 2
     colours = [COLOUR_NAMES[int(i)] for i in rng.choice(len(COLOUR_NAMES), size=count, replace=False)]
     shapes = [SHAPES[int(i)] for i in rng.integers(len(SHAPES), size=count)]
-    sizes = [s * float(rng.uniform(0.22, 0.32)) for _ in range(count)]
+    sizes = [s * float(rng.uniform(MIN_SIZE, MAX_SIZE)) for _ in range(count)]
     names = [f"a {c} {sh}" for c, sh in zip(colours, shapes)]
     if count == 1:
         h = sizes[0] / 2
@@ -54,15 +60,18 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
         return Sample(questions.CAPTION, names[0], "one shape", image=im)
 
     horizontal = rng.random() < 0.5
+    # One line across the relation axis for both shapes (room for the largest shape), each jittered off it.
+    line = float(rng.uniform(s * (MAX_SIZE / 2 + ACROSS_JITTER), s * (1 - MAX_SIZE / 2 - ACROSS_JITTER)))
     for k in range(2):
         h = sizes[k] / 2
-        # Along the relation axis, shape k stays in its own half; across it, anywhere.
+        # Along the relation axis, shape k stays in its own half.
         along = float(rng.uniform(k * s / 2 + h + 1, (k + 1) * s / 2 - h - 1))
-        across = float(rng.uniform(h + 1, s - h - 1))
+        across = line + float(rng.uniform(-ACROSS_JITTER, ACROSS_JITTER)) * s / 2
         cx, cy = (along, across) if horizontal else (across, along)
         draw_shape(draw, shapes[k], cx, cy, sizes[k], PALETTE[colours[k]])
     relation = "left of" if horizontal else "above"
-    return Sample(questions.CAPTION, f"{names[0]} {relation} {names[1]}", "two shapes", image=im)
+    arrangement = "side by side" if horizontal else "one above the other"
+    return Sample(questions.CAPTION, f"{names[0]} {relation} {names[1]}", f"two shapes {arrangement}", image=im)
 
 
 def make_count(split: str, n: int, task_seed: tuple[int, int], image_size: int,
