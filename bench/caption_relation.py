@@ -44,9 +44,18 @@ def fits_both(image_path: Path, caption: str) -> bool:
     return centres[1][0] > centres[0][0] and centres[1][1] > centres[0][1]
 
 
+def finished(run: Path) -> bool:
+    """Whether the run evaluated after its last task (results/matrix.json's last row is filled in)."""
+    try:
+        scores = json.loads((run / "results" / "matrix.json").read_text())["scores"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return False
+    return bool(scores) and scores[-1][-1] is not None
+
+
 def final_predictions(run: Path, task: str) -> Path:
-    folders = sorted((run / "results" / "predictions").glob("after_*"), key=lambda p: int(p.name.split("_")[1]))
-    return folders[-1] / f"{task}.jsonl"
+    last = len(json.loads((run / "results" / "matrix.json").read_text())["tasks"]) - 1
+    return run / "results" / "predictions" / f"after_{last}" / f"{task}.jsonl"
 
 
 def seed_scores(run: Path, task: str, ambiguous: set[str] | None) -> dict[str, float]:
@@ -77,7 +86,10 @@ def main() -> None:
         ambiguous = {r["id"] for r in two if fits_both(args.bench / "images" / r["image"], r["answer"])}
         print(f"{len(two)} two-shape test records, {len(ambiguous)} of them fit both relations")
     for run in args.runs:
-        seeds = sorted(p for p in run.glob("seed_*") if p.is_dir()) or [run]
+        seeds = [s for s in sorted(p for p in run.glob("seed_*") if p.is_dir()) or [run] if finished(s)]
+        if not seeds:
+            print(f"{run}: no finished run")
+            continue
         per_seed = [seed_scores(s, args.task, ambiguous) for s in seeds]
         cells = []
         for key in per_seed[0]:

@@ -2,6 +2,10 @@
 training records, scored on its test records) at three points of the tiny backbone's image path.
 
     PYTHONPATH=src python bench/image_token_probe.py --tasks digits,ocr [--profile default] [--base PATH]
+    PYTHONPATH=src python bench/image_token_probe.py --tasks caption --relation
+
+With ``--relation`` the label is not the answer but the spatial relation a caption states ("left of",
+"above", or none: one shape), i.e. whether the image path passes on how two shapes are arranged.
 
 Points: the frozen EfficientNet-Lite0 tokens (9 x 1280 at 96 px, flattened) and their mean (1280); the
 tokens after the base's projector (9 x 256, what the LM reads; the shipped base by default); and after a
@@ -32,8 +36,11 @@ def main() -> int:
     ap.add_argument("--tasks", default="digits,ocr")
     ap.add_argument("--profile", default="default")
     ap.add_argument("--base", default="", help="a saved base's folder (default: the shipped one)")
+    ap.add_argument("--relation", action="store_true", help="label captions by the relation they state")
     args = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
+
+    from caption_relation import relation
 
     from cramcl.backbones.tiny.saved_base import resolve_base_path
     from cramcl.backbones.tiny.vision import EfficientNetFeatures
@@ -60,7 +67,8 @@ def main() -> int:
             tokens = vision.features([digests[r.image] for r in records])  # (N, n_tokens, 1280)
             with torch.no_grad():
                 views[split] = [tokens.flatten(1), tokens.mean(1), trained(tokens).flatten(1), random(tokens).flatten(1)]
-            views[split + "_y"] = [r.answer for r in records]
+            views[split + "_y"] = [(relation(r.answer) or "one shape") if args.relation else r.answer
+                                   for r in records]
         scores = []
         for i in range(4):
             clf = LogisticRegression(max_iter=3000).fit(views["train"][i].numpy(), views["train_y"])
