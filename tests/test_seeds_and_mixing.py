@@ -34,11 +34,12 @@ def test_eval_batches_setting_is_checked():
 @pytest.fixture(scope="module")
 def oracle_run(tmp_path_factory, warm_cache):
     """oracle-lora: one LoRA per task chosen by the task id, so predictions differ by task and a record given
-    another record's prediction or task id shows."""
+    another record's prediction or task id shows. 30 steps a task, not the quick 6: after 6 the quick base's
+    first and last tasks can both answer the same degenerate string, and a mix-up would not show."""
     from cramcl.engine.runner import run_stream
 
     out = tmp_path_factory.mktemp("oracle") / "run"
-    run_stream(quick_config("oracle-lora"), out, log=LogSink())
+    run_stream(quick_config("oracle-lora", extra=["train.steps_per_task=30"]), out, log=LogSink())
     return out
 
 
