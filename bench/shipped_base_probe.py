@@ -21,12 +21,13 @@ from base_probe import accuracy, probe_sets
 def arrangement_records(bench: Path) -> list:
     from caption_relation import relation
 
+    from cramcl.data.builtin import PRETRAIN_QUESTION
+    from cramcl.data.builtin.scenes import ARRANGEMENT
     from cramcl.data.records import Record
 
     root = (bench / "images").resolve()
     rows = [json.loads(line) for line in (bench / "caption" / "test.jsonl").read_text().splitlines()]
-    wording = {"left of": "two shapes side by side", "above": "two shapes one above the other"}
-    return [Record(r["id"], root / r["image"], "Describe the image.", wording[relation(r["answer"])])
+    return [Record(r["id"], root / r["image"], PRETRAIN_QUESTION, ARRANGEMENT[relation(r["answer"])])
             for r in rows if relation(r["answer"])]
 
 

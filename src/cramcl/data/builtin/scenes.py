@@ -15,6 +15,8 @@ MAX_DOTS = 4
 SHAPES = ("circle", "square", "triangle")
 MIN_SIZE, MAX_SIZE = 0.22, 0.32  # a shape's size, as a share of the image side
 ACROSS_JITTER = 0.06  # the most two related shapes' centres differ across the relation axis (share of the side)
+#: The caption's relation -> the base corpus's generic caption of the same image (words of its own).
+ARRANGEMENT = {"left of": "two shapes side by side", "above": "two shapes one above the other"}
 
 
 def _dot_scene(rng: np.random.Generator, image_size: int) -> Sample:
@@ -40,11 +42,9 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
 
     The caption names the left (or upper) shape first: "a red circle left of a blue square",
     "a red circle above a blue square", or just "a red circle". Two shapes lie along one axis: their centres
-    differ across it by at most ``ACROSS_JITTER`` of the image, along it by more than 0.22 of it, so the image
-    fits one relation only (with both coordinates free, 40% of pairs lay both left of and above each other).
-    The generic caption (the base corpus's) names the arrangement: "two shapes side by side" / "two shapes
-    one above the other".
-    """
+    differ across it by at most ``ACROSS_JITTER`` of the image, along it by more than ``MIN_SIZE`` of it, so
+    the image fits one relation only (with both coordinates free, 40% of pairs lay both left of and above each
+    other). The generic caption (the base corpus's) names the arrangement (``ARRANGEMENT``)."""
     s = float(image_size)
     im = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(im)
@@ -70,8 +70,7 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
         cx, cy = (along, across) if horizontal else (across, along)
         draw_shape(draw, shapes[k], cx, cy, sizes[k], PALETTE[colours[k]])
     relation = "left of" if horizontal else "above"
-    arrangement = "side by side" if horizontal else "one above the other"
-    return Sample(questions.CAPTION, f"{names[0]} {relation} {names[1]}", f"two shapes {arrangement}", image=im)
+    return Sample(questions.CAPTION, f"{names[0]} {relation} {names[1]}", ARRANGEMENT[relation], image=im)
 
 
 def make_count(split: str, n: int, task_seed: tuple[int, int], image_size: int,
