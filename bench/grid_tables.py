@@ -4,9 +4,9 @@
 
 Prints: the methods' table (mean +- sample std over the seeds each variant finished), the ablation table
 against the baseline (whether each difference exceeds the seed spread: |difference of means| > the sum of
-the two standard deviations), and, for every group of the baseline holding several tasks, each task's final
-score under learned against oracle routing with its own expert's mean routing weight on its own test
-images. Variants with fewer finished seeds than the others are marked.
+the two standard deviations; each seed's paired difference beside it), and, for every group of the baseline
+holding several tasks, each task's final score under learned against oracle routing with its own expert's
+mean routing weight on its own test images. Variants with fewer finished seeds than the others are marked.
 """
 from __future__ import annotations
 
@@ -69,15 +69,20 @@ def main() -> int:
     base = grid.get(args.baseline)
     if base:
         b = _stat(base, "MFN")
-        print(f"\nAgainst `{args.baseline}` (MFN {pm(b)}): an effect counts when |difference| > std + std.\n")
-        print("| variant | MFN | difference | BWT | exceeds the seed spread? |")
-        print("|---|---|---|---|---|")
+        print(f"\nAgainst `{args.baseline}` (MFN {pm(b)}): an effect counts when |difference| > std + std. "
+              "The seeds are paired (same data and order per seed), so each seed's difference is given too.\n")
+        print("| variant | MFN | difference | per seed | BWT | stored params | exceeds the seed spread? |")
+        print("|---|---|---|---|---|---|---|")
+        base_mfn = {r["seed"]: r["metrics"]["MFN"] for r in base}
         for name, runs in grid.items():
             if name == args.baseline or not name.startswith(args.baseline + "+"):
                 continue
             v = _stat(runs, "MFN")
             diff = v["mean"] - b["mean"]
-            print(f"| {name} | {pm(v)} | {diff:+.1f} | {pm(_stat(runs, 'BWT'))} | "
+            per_seed = ", ".join(f"{r['metrics']['MFN'] - base_mfn[r['seed']]:+.1f}" for r in runs
+                                 if r["seed"] in base_mfn)
+            params = runs[0]["metrics"]["params"]["stored_total"]
+            print(f"| {name} | {pm(v)} | {diff:+.1f} | {per_seed} | {pm(_stat(runs, 'BWT'))} | {params:,} | "
                   f"{'yes' if abs(diff) > v['std'] + b['std'] else 'no (noise)'} |")
         oracle = grid.get(f"{args.baseline}+routing=oracle")
         task_group = base[0]["metrics"]["method_analysis"]["task_group"]
