@@ -44,15 +44,6 @@ def fits_both(image_path: Path, caption: str) -> bool:
     return centres[1][0] > centres[0][0] and centres[1][1] > centres[0][1]
 
 
-def finished(run: Path) -> bool:
-    """Whether the run evaluated after its last task (results/matrix.json's last row is filled in)."""
-    try:
-        scores = json.loads((run / "results" / "matrix.json").read_text())["scores"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        return False
-    return bool(scores) and scores[-1][-1] is not None
-
-
 def final_predictions(run: Path, task: str) -> Path:
     last = len(json.loads((run / "results" / "matrix.json").read_text())["tasks"]) - 1
     return run / "results" / "predictions" / f"after_{last}" / f"{task}.jsonl"
@@ -85,8 +76,10 @@ def main() -> None:
         two = [r for r in records if relation(r["answer"])]
         ambiguous = {r["id"] for r in two if fits_both(args.bench / "images" / r["image"], r["answer"])}
         print(f"{len(two)} two-shape test records, {len(ambiguous)} of them fit both relations")
+    from cramcl.engine.compare import run_finished
+
     for run in args.runs:
-        seeds = [s for s in sorted(p for p in run.glob("seed_*") if p.is_dir()) or [run] if finished(s)]
+        seeds = [s for s in sorted(p for p in run.glob("seed_*") if p.is_dir()) or [run] if run_finished(s)]
         if not seeds:
             print(f"{run}: no finished run")
             continue

@@ -43,6 +43,11 @@ def _stat(runs, key):
     return mean_std([r["metrics"][key] for r in runs])
 
 
+def _stored_params(runs) -> str:
+    """The first finished seed's stored parameters (adaptive ranks make them vary by seed)."""
+    return f'{runs[0]["metrics"]["params"]["stored_total"]:,}'
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("root")
@@ -56,8 +61,8 @@ def main() -> int:
     print("|---|---|" + "---|" * len(METRICS) + "---|")
     for name, runs in grid.items():
         seeds = ",".join(str(r["seed"]) for r in runs) + ("" if len(runs) == n_max else " (incomplete)")
-        params = runs[0]["metrics"]["params"]["stored_total"]
-        print(f"| {name} | {seeds} | " + " | ".join(pm(_stat(runs, m)) for m in METRICS) + f" | {params:,} |")
+        cells = [pm(_stat(runs, m)) for m in METRICS] + [_stored_params(runs)]
+        print(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
 
     print("\nFinal row (mean ± std over seeds):\n")
     print("| variant | " + " | ".join(tasks) + " |")
@@ -81,9 +86,9 @@ def main() -> int:
             diff = v["mean"] - b["mean"]
             per_seed = ", ".join(f"{r['metrics']['MFN'] - base_mfn[r['seed']]:+.1f}" for r in runs
                                  if r["seed"] in base_mfn)
-            params = runs[0]["metrics"]["params"]["stored_total"]
-            print(f"| {name} | {pm(v)} | {diff:+.1f} | {per_seed} | {pm(_stat(runs, 'BWT'))} | {params:,} | "
-                  f"{'yes' if abs(diff) > v['std'] + b['std'] else 'no (noise)'} |")
+            verdict = "yes" if abs(diff) > v["std"] + b["std"] else "no (noise)"
+            print(f"| {name} | {pm(v)} | {diff:+.1f} | {per_seed} | {pm(_stat(runs, 'BWT'))} | "
+                  f"{_stored_params(runs)} | {verdict} |")
         oracle = grid.get(f"{args.baseline}+routing=oracle")
         task_group = base[0]["metrics"]["method_analysis"]["task_group"]
         groups = {}

@@ -13,7 +13,6 @@ stopped and started again. Jobs are ordered seed-major within each variant, vari
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,19 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def _finished(run: Path) -> bool:
-    try:
-        return json.loads((run / "results" / "metrics.json").read_text()).get("complete", False)
-    except (OSError, ValueError):
-        return False
-
-
 def _job(spec: str, seed: int, out: Path, profile: str, extra: list[str]) -> tuple[str, int, float, int]:
-    from cramcl.engine.compare import parse_variant, variant_dir
+    from cramcl.engine.compare import parse_variant, run_finished, variant_dir
 
     name, settings = parse_variant(spec)
     run = out / variant_dir(spec) / f"seed_{seed}"
-    if _finished(run):
+    if run_finished(run):
         return spec, seed, 0.0, 0
     resume = (run / "config.yaml").exists()
     cmd = [sys.executable, "-m", "cramcl", "run", "--out", str(run)]
@@ -64,9 +56,9 @@ def main() -> int:
         for spec, seed, seconds, rc in pool.map(lambda j: _job(*j, out, args.profile, args.extra), jobs):
             print(f"{spec} seed {seed}: {'skipped (finished)' if seconds == 0 else f'{seconds:.0f} s'}"
                   + ("" if rc == 0 else f"  FAILED rc={rc}"), flush=True)
-    from cramcl.engine.compare import variant_dir, write_comparison
+    from cramcl.engine.compare import run_finished, variant_dir, write_comparison
 
-    done = [s for s in specs if all(_finished(out / variant_dir(s) / f"seed_{k}") for k in seeds)]
+    done = [s for s in specs if all(run_finished(out / variant_dir(s) / f"seed_{k}") for k in seeds)]
     if done:
         write_comparison(out, done, seeds)
         print(f"comparison of {len(done)} variants: {out}/compare.md")

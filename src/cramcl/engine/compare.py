@@ -15,7 +15,8 @@ COLUMNS = ("MFT", "MFN", "MAA", "BWT", "forgetting")
 OLD_DATA_METHODS = ("replay", "mtl")  # train on earlier tasks' records (mtl: all jointly)
 
 
-def _finished(run: Path) -> bool:
+def run_finished(run: Path) -> bool:
+    """Whether the run directory holds a finished run (its metrics.json says ``complete``)."""
     metrics = run / "results" / "metrics.json"
     return metrics.exists() and json.loads(metrics.read_text()).get("complete", False)
 
@@ -24,7 +25,7 @@ def run_or_resume(cfg, run: Path, label: str, log=print) -> None:
     """Reuse a finished run directory, resume an interrupted one, or start ``cfg`` in it."""
     from cramcl.engine.runner import run_stream
 
-    if _finished(run):
+    if run_finished(run):
         log(f"== {label}: finished earlier, reusing {run}")
         return
     resume = (run / "config.yaml").exists()
