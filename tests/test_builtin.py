@@ -85,7 +85,7 @@ def test_minilm_groups_the_stream_by_format():
     questions in order: one group per format, and a format's later tasks join its group."""
     from cramcl.config import resolve_config
     from cramcl.encoders import TextEncoder
-    from cramcl.routing.groups import InstructionGroups
+    from cramcl.methods.cram.groups import InstructionGroups
 
     from cramcl.methods.cram import CramConfig
 

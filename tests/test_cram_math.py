@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from cramcl.methods.cram_math import (
-    buffer_update_svd, column_history_basis, consolidate_buffer, gated_orthogonality_penalty,
-    history_basis, novelty, orth_history_basis, orthogonality_energy, select_expert_directions,
+from cramcl.methods.cram.consolidation import (
+    buffer_update_svd, consolidate_buffer, history_basis, novelty, select_expert_directions,
+)
+from cramcl.methods.cram.penalty import (
+    column_history_basis, gated_orthogonality_penalty, orth_history_basis, orthogonality_energy,
 )
 
 
@@ -240,7 +242,7 @@ def test_penalty_gradient_flows_to_expert_output():
 def test_stacked_penalties_equal_the_per_module_penalty():
     """The batched penalty (one bmm per op over M same-shaped modules, CRAM's path on a GPU) gives each module
     the per-module function's value, scale and gate included (to float rounding: bmm may sum in another order)."""
-    from cramcl.methods.cram_math import gated_orthogonality_penalty, stacked_gated_penalties
+    from cramcl.methods.cram.penalty import gated_orthogonality_penalty, stacked_gated_penalties
 
     g = torch.Generator().manual_seed(3)
     M, B, d_in, d_out, r, m = 5, 6, 24, 16, 3, 4

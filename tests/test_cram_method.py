@@ -72,7 +72,7 @@ def test_stable_phase_trains_only_the_new_expert_and_its_centroids(tmp_path, war
     m.prepare_batch(batch, train=True)
     m.end_phase(Phase("warmup", 1))
     # consolidation: the new expert's A rows lie off the row space of the group's earlier expert
-    from cramcl.methods.cram_math import history_basis
+    from cramcl.methods.cram.consolidation import history_basis
 
     for layer in m.layers.values():
         Q = history_basis([layer.experts_A[0].detach()])
@@ -178,7 +178,7 @@ def test_oracle_routing_is_marked_as_using_the_task_id(tmp_path, warm_cache):
 
 def test_routing_uses_sigma_in_units_of_the_centroid_gap(two_tasks):
     """The profiles state sigma relative to the group's closest centroid pair; the method must route so."""
-    from cramcl.methods.cram_routing import group_layer_weights
+    from cramcl.methods.cram.centroids import group_layer_weights
 
     s, m = two_tasks, two_tasks.method
     assert m.cfg.sigma_units == "gap"

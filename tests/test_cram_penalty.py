@@ -7,7 +7,7 @@ import torch
 torch.set_num_threads(1)
 
 from cramcl.adapters.multi_lora import MultiLoRALinear, RoutingContext  # noqa: E402
-from cramcl.methods.cram_penalty import OrthogonalityPenalty  # noqa: E402
+from cramcl.methods.cram.penalty import OrthogonalityPenalty  # noqa: E402
 
 
 def _layers(seed: int = 0) -> dict[str, MultiLoRALinear]:

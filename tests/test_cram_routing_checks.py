@@ -39,8 +39,8 @@ def _two_domains(tmp_path, extra):
 
 # ------------------------------------------------------------------ the pure check
 def test_routing_check_flags_a_sigma_too_large_for_separable_images():
-    from cramcl.methods.cram_routing import routing_check
-    from cramcl.routing.centroid import rbf_routing_weights
+    from cramcl.methods.cram.centroids import routing_check
+    from cramcl.methods.cram.centroids import rbf_routing_weights
 
     g = torch.Generator().manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
@@ -68,7 +68,7 @@ def sharp(tmp_path_factory, warm_cache):
 
 
 def test_near_uniform_routing_is_warned_about_and_reported(tmp_path, warm_cache):
-    from cramcl.methods.cram_state import report_sections
+    from cramcl.methods.cram.report import report_sections
 
     s, log = _two_domains(tmp_path, ["method.sigma=2.0", "method.sigma_units=absolute"])  # the paper's setting
     check = s.method.routing_checks[-1]
@@ -98,7 +98,7 @@ def test_a_sigma_in_the_embeddings_units_routes_each_task_to_its_own_expert(shar
 
 def test_own_expert_weight_is_measured_as_evaluation_routes(sharp):
     """Uniform routing must show 1/2 for every task: the measurement reads the routing, not the task id."""
-    from cramcl.methods.cram_state import own_expert_weights
+    from cramcl.methods.cram.report import own_expert_weights
 
     s, _ = sharp
     s.method.cfg.routing = "uniform"

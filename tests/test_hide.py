@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from cramcl.methods.base import Phase, Services  # noqa: E402
-from cramcl.methods.expert_merging import merged_factors  # noqa: E402
+from cramcl.methods.hide_fusion import merged_factors  # noqa: E402
 from cramcl.methods.hide import HiDe, HiDeConfig  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
-from cramcl.routing.centroid import (
+from cramcl.methods.cram.centroids import (
     CentroidAccumulator, batch_mean_routing_weights, oracle_routing_weights, rbf_routing_weights,
     uniform_routing_weights,
 )
-from cramcl.routing.groups import InstructionGroups, cosine_to_prototypes
+from cramcl.methods.cram.groups import InstructionGroups
+from cramcl.routing.prototypes import cosine_to_prototypes
 
 
 def _vec_with_cos(base, cos):
@@ -201,7 +202,7 @@ def _two_close_domains(n=200, dim=1280, seed=0):
 
 
 def test_centroid_gap_is_the_closest_pair():
-    from cramcl.routing.centroid import centroid_gap
+    from cramcl.methods.cram.centroids import centroid_gap
 
     c = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
     assert centroid_gap(c).item() == pytest.approx(1.0)
@@ -214,7 +215,7 @@ def test_gap_units_route_close_domains_sharply_and_are_scale_free():
     two domains whose means lie ~0.09 apart into ~0.6/0.4 weights, which no centroid position fixes
     (the new task's mean is the stationary point of its mean logit). sigma in units of the centroid gap
     routes each domain's own samples to its own expert."""
-    from cramcl.methods.cram_routing import group_layer_weights
+    from cramcl.methods.cram.centroids import group_layer_weights
 
     a, b = _two_close_domains()
     c = torch.stack([a.mean(0), b.mean(0)])  # the centroids each task's warm-up would give (c_buf)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from cramcl.methods.base import Phase, Services  # noqa: E402
-from cramcl.methods.expert_merging import gate_scores, token_topk_routing  # noqa: E402
+from cramcl.methods.routing_cl_gates import gate_scores, token_topk_routing  # noqa: E402
 from cramcl.methods.routing_cl import RoutingCL, RoutingCLConfig  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

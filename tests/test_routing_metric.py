@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 # ----------------------------------------------------------------------------------------- pure parts
 def test_scale_weights_quiet_coordinates_up_and_noisy_ones_down():
-    from cramcl.routing.centroid import standardizing_scale
+    from cramcl.methods.cram.centroids import standardizing_scale
 
     v = torch.tensor([[0.01, 1.0, 0.1, 0.1], [0.03, 3.0, 0.1, 0.1]])  # (K=2, D=4) per-expert variances
     s = standardizing_scale(v, shrinkage=1.0)
@@ -34,7 +34,7 @@ def test_scale_weights_quiet_coordinates_up_and_noisy_ones_down():
 
 
 def test_scale_of_identical_images_is_all_ones_and_shrinkage_must_be_positive():
-    from cramcl.routing.centroid import standardizing_scale
+    from cramcl.methods.cram.centroids import standardizing_scale
 
     assert torch.equal(standardizing_scale(torch.zeros(2, 5)), torch.ones(5))
     with pytest.raises(ValueError, match="shrinkage"):
@@ -42,7 +42,7 @@ def test_scale_of_identical_images_is_all_ones_and_shrinkage_must_be_positive():
 
 
 def test_accumulator_variance_matches_torch_and_survives_an_all_reduce():
-    from cramcl.routing.centroid import CentroidAccumulator
+    from cramcl.methods.cram.centroids import CentroidAccumulator
 
     torch.manual_seed(0)
     x = torch.randn(30, 6) * torch.tensor([0.1, 1, 2, 3, 4, 5]) + 7.0
@@ -65,7 +65,7 @@ def test_accumulator_variance_matches_torch_and_survives_an_all_reduce():
 
 def test_weights_with_a_scale_are_the_rbf_of_the_scaled_embeddings():
     """The scale multiplies q and every centroid before the distances and before the gap (gap units)."""
-    from cramcl.methods.cram_routing import group_layer_weights
+    from cramcl.methods.cram.centroids import group_layer_weights
 
     torch.manual_seed(1)
     q, c = torch.randn(5, 4), torch.randn(3, 2, 4)  # (B, D), (L, K, D)
@@ -82,7 +82,7 @@ def test_weights_with_a_scale_are_the_rbf_of_the_scaled_embeddings():
 
 
 def test_unknown_metric_and_bad_shrinkage_are_config_errors():
-    from cramcl.methods.cram_config import CramConfig
+    from cramcl.methods.cram.config import CramConfig
 
     assert any("routing_metric" in p for p in CramConfig(routing_metric="cosine").problems())
     assert any("metric_shrinkage" in p for p in CramConfig(metric_shrinkage=0.0).problems())
@@ -121,7 +121,7 @@ def test_shared_group_routes_by_the_hand_computed_standardized_distance(standard
     """Eval batch of the shared group's two tasks (light, dark): weights == softmax(-sum_d s_d^2 (q_d -
     c_d)^2 / (2 sigma^2 gap_s)), s from the two experts' variances and the shrinkage, gap_s the scaled
     squared distance between the two centroids at that layer; and they differ from Euclidean routing."""
-    from cramcl.methods.cram_routing import group_layer_weights
+    from cramcl.methods.cram.centroids import group_layer_weights
 
     s, recs = standardized
     m = s.method

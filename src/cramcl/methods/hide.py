@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from cramcl.encoders import RoutingEncoderConfig
 from cramcl.errors import BadInputError
 from cramcl.methods.base import Services
-from cramcl.methods.expert_merging import FUSIONS, anchor_routing_weights, merged_factors
+from cramcl.methods.hide_fusion import FUSIONS, anchor_routing_weights, merged_factors
 from cramcl.methods.lora_ft import LoraFTConfig
 from cramcl.methods.per_task import PerTaskLora
 from cramcl.utils.dist import all_reduce_sum

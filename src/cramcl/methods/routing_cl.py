@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from cramcl.errors import BadInputError
 from cramcl.methods.base import Phase, Services, freeze_all_experts, lora_params
-from cramcl.methods.expert_merging import sigmoid_gate_weights, token_topk_routing
+from cramcl.methods.routing_cl_gates import sigmoid_gate_weights, token_topk_routing
 from cramcl.methods.lora_ft import LoraFTConfig
 from cramcl.methods.per_task import PerTaskLora
 from cramcl.utils.dist import all_reduce_sum

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from cramcl.routing.groups import cosine_to_prototypes
+from cramcl.routing.prototypes import cosine_to_prototypes
 
 _EPS = 1e-12
 

@@ -1,9 +1,13 @@
-"""CRAM's gated orthogonality penalty over a model's adapted modules during a stable phase (CRAM.md part 6):
-the new expert's output on each module's image-token-pooled input, projected onto the group's history
+"""CRAM's gated orthogonality penalty during a stable phase, docs/cram.md "Orthogonality penalty": the new
+expert's output on each adapted module's image-token-pooled input, projected onto the group's history
 subspace, weighted per sample by the routing mass the earlier experts receive.
 
-The math is in :mod:`cramcl.methods.cram_math`; this holds the per-phase state: each module's history basis,
-the pooled inputs of the current forward (captured by the adapters) and how modules are batched on a GPU.
+The math is in pure functions (history basis, energy, gated penalty); :class:`OrthogonalityPenalty` holds the
+per-phase state: each module's history basis, the pooled inputs of the current forward (captured by the
+adapters) and how modules are batched on a GPU.
+
+Shapes: B = batch, d_in / d_out = the adapted linear's input / output size, r = the new expert's rank,
+m = size of a history basis, M = modules stacked in one batched pass.
 """
 from __future__ import annotations
 
@@ -11,7 +15,67 @@ import torch
 from torch import Tensor
 
 from cramcl.adapters.multi_lora import MultiLoRALinear
-from cramcl.methods.cram_math import gated_orthogonality_penalty, orth_history_basis, stacked_gated_penalties
+from cramcl.methods.cram.consolidation import history_basis
+from cramcl.utils.dtypes import at_least_float32
+
+
+def column_history_basis(Bs: list[Tensor], tol: float = 1e-6, *, dim: int | None = None) -> Tensor:
+    """Orthonormal basis of the union of the column spaces of the B's.
+
+    Bs: list of (d_out, r_j) -> (d_out, m); ``dim`` = d_out for an empty list.
+    """
+    return history_basis([b.T for b in Bs], tol, dim=dim)
+
+
+def orth_history_basis(As: list[Tensor], Bs: list[Tensor], d_in: int, d_out: int,
+                       tol: float = 1e-6) -> Tensor:
+    """Q_hist for the orthogonality penalty: a basis in output space.
+
+    As: list of (r_j, d_in), Bs: list of (d_out, r_j) of the earlier same-group experts ->
+    (d_out, m): the row space of the A's when d_in == d_out, else the column space of the B's.
+    """
+    if d_in == d_out:
+        return history_basis(As, tol, dim=d_in)
+    return column_history_basis(Bs, tol, dim=d_out)
+
+
+def orthogonality_energy(z: Tensor, Q_hist: Tensor) -> Tensor:
+    """Energy of the new expert's output inside the history subspace: ``E_b = ||Q_hist^T z_b||^2``.
+
+    z: (B, d_out) = the new expert's output on the pooled image-token hidden states,
+    Q_hist: (d_out, m) orthonormal -> (B,) in at least float32; zeros when m = 0 (gradient still flows).
+    """
+    dtype = at_least_float32(z, Q_hist)
+    proj = z.to(dtype) @ Q_hist.to(device=z.device, dtype=dtype)  # (B, m)
+    return proj.pow(2).sum(-1)
+
+
+def gated_orthogonality_penalty(z: Tensor, Q_hist: Tensor, gate: Tensor) -> Tensor:
+    """``mean_b gate_b * E_b`` for one adapted module (lambda and the mean over layers: caller's).
+
+    z: (B, d_out), Q_hist: (d_out, m), gate: (B,) = summed routing weight of the earlier experts
+    per sample -> scalar. 0 for an empty batch.
+    """
+    E = orthogonality_energy(z, Q_hist)  # (B,)
+    if E.numel() == 0:
+        return E.sum()
+    return (gate.to(device=E.device, dtype=E.dtype).reshape(-1) * E).mean()
+
+
+def stacked_gated_penalties(h: Tensor, A: Tensor, B: Tensor, scale: Tensor, Q_hist: Tensor, gate: Tensor) -> Tensor:
+    """:func:`gated_orthogonality_penalty` of M same-shaped modules in one batched pass (one launch per op
+    instead of one per module: on a GPU, 128 modules' small ops otherwise leave the device waiting on the host).
+
+    h: (M, B, d_in) pooled inputs, A: (M, r, d_in), B: (M, d_out, r), scale: (M,) the new expert's scales,
+    Q_hist: (M, d_out, m), gate: (M, B) -> (M,) penalties, equal to the per-module function's (same op order).
+    """
+    dtype = at_least_float32(A, Q_hist)
+    hA = torch.bmm(h.to(A.dtype), A.transpose(1, 2))  # (M, B, r)
+    z = torch.bmm(scale.to(hA.dtype).view(-1, 1, 1) * hA, B.transpose(1, 2))  # (M, B, d_out)
+    E = torch.bmm(z.to(dtype), Q_hist.to(device=z.device, dtype=dtype)).pow(2).sum(-1)  # (M, B)
+    if E.shape[1] == 0:
+        return E.sum(-1)
+    return (gate.to(device=E.device, dtype=E.dtype) * E).mean(-1)
 
 
 class OrthogonalityPenalty:
@@ -61,7 +125,7 @@ class OrthogonalityPenalty:
         new = self.new
         if gates.is_cuda:  # a GPU step is bound by launches: one batched pass per module shape, not 128
             return self._stacked(layers, gates)
-        # per module: no launches to save on a CPU, and its op order is the published CPU results'
+        # per module: no launches to save on a CPU, and this op order is what CPU runs have always computed
         return torch.stack([gated_orthogonality_penalty(
             layer.expert_scales[new] * (self.pooled[key].to(layer.experts_A[new].dtype)
                                         @ layer.experts_A[new].t()) @ layer.experts_B[new].t(),

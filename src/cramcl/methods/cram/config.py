@@ -1,13 +1,14 @@
-"""CRAM's settings (``method.*``), their defaults (the paper's, see configs/methods/cram.yaml for the
-values a run starts from) and their range checks."""
+"""CRAM's settings (``method.*``), their defaults (the paper's; configs/methods/cram.yaml holds the values a
+run starts from) and their range checks. What each setting and ablation switch does: docs/cram.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from cramcl.encoders import RoutingEncoderConfig
-from cramcl.methods.cram_routing import ROUTING_METRICS, SIGMA_UNITS
 
 ROUTING_MODES = ("per_sample", "batch_mean", "uniform", "oracle")
+SIGMA_UNITS = ("absolute", "gap")
+ROUTING_METRICS = ("euclidean", "standardized")
 
 
 @dataclass
@@ -26,7 +27,7 @@ class CramConfig(RoutingEncoderConfig):
     sigma_units: str = "gap"  # gap: sigma relative to the group's closest centroid pair | absolute (the paper's)
     routing: str = "per_sample"  # per_sample | batch_mean (the authors') | uniform | oracle (analysis only)
     # euclidean (the paper's) | standardized: distances weighted per coordinate by the group's within-task
-    # image variance (routing.centroid.standardizing_scale), shrunk towards Euclidean by metric_shrinkage
+    # image variance (centroids.standardizing_scale), shrunk towards Euclidean by metric_shrinkage
     routing_metric: str = "euclidean"
     metric_shrinkage: float = 1.0
     grouping: bool = True  # False: one pool (no level 1)

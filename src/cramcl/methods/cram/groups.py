@@ -1,4 +1,4 @@
-"""Level 1 of CRAM: instruction groups ("format isolation"), CRAM.md part 3.
+"""CRAM's level 1: instruction groups ("format isolation"), docs/cram.md "Level 1: instruction groups".
 
 A group g has a prototype mu_g, the running mean of the instruction-text embeddings t of the batches
 of every task that joined it. When a task starts, :meth:`InstructionGroups.decide` picks a group (or
@@ -14,21 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_EPS = 1e-12
-
-
-def cosine_to_prototypes(t: Tensor, protos: Tensor) -> Tensor:
-    """Cosine similarity of every embedding to every prototype.
-
-    t: (B, D), protos: (G, D) -> (B, G), computed in float32 (float64 if either input is float64).
-    A zero vector has cosine 0 to everything (norms are clamped, not NaN).
-    """
-    dtype = torch.promote_types(torch.promote_types(t.dtype, protos.dtype), torch.float32)
-    t = t.to(dtype)
-    protos = protos.to(device=t.device, dtype=dtype)
-    tn = t / t.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    pn = protos / protos.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    return tn @ pn.T  # (B, D) @ (D, G) -> (B, G)
+from cramcl.routing.prototypes import cosine_to_prototypes
 
 
 class InstructionGroups:
@@ -63,12 +49,12 @@ class InstructionGroups:
 
         t_task: (D,) — the task's text embedding (e.g. the mean over its first N samples).
 
-        Rule (CRAM.md part 3), with cosines s to the existing prototypes:
+        Rule (docs/cram.md, "Level 1: instruction groups"), with cosines s to the existing prototypes:
           * no group: create;
           * one group: join it if s > join_single_threshold, else create;
           * two or more, s1 >= s2 the two best: join the best if s1 - s2 > margin_theta, else create.
         Whenever the rule says "create" but ``max_groups`` groups exist already, join the best instead
-        (the spec states the cap for the >= 2 case; we apply it to the 1-group case too, which only
+        (the paper states the cap for the >= 2 case; we apply it to the 1-group case too, which only
         matters when max_groups == 1).
 
         Side effects: none when joining. When creating, a group is appended whose prototype is

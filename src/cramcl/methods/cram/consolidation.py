@@ -1,5 +1,6 @@
-"""CRAM's adaptive-rank consolidation and orthogonality penalty as pure tensor functions
-(CRAM.md parts 5 and 6).
+"""CRAM's consolidation at the end of a task's warm-up, as pure tensor functions: the buffer's SVD, adaptive
+rank and the capability gap (novelty filter, projection off the group's history), docs/cram.md
+"Consolidation".
 
 Scale convention (used everywhere in cramcl):
   * the buffer LoRA's update is ``delta_buf = s * B_buf @ A_buf`` with ``s = alpha / R``;
@@ -18,14 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cramcl.utils.dtypes import at_least_float32
+
 _EPS = 1e-12
-
-
-def _work_dtype(*ts: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in ts:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 # ------------------------------------------------------------------------------------------- SVD
@@ -36,7 +32,7 @@ def buffer_update_svd(B_buf: Tensor, A_buf: Tensor, scale: float) -> tuple[Tenso
     with U diag(S) Vh = scale * B_buf @ A_buf. QR of the tall B_buf, then SVD of the small core
     ``scale * R_B @ A_buf`` ((<= R) x d_in): O(d R^2) instead of an SVD of a d_out x d_in matrix.
     """
-    dtype = _work_dtype(B_buf, A_buf)
+    dtype = at_least_float32(B_buf, A_buf)
     Q_B, R_B = torch.linalg.qr(B_buf.detach().to(dtype), mode="reduced")  # (d_out, k), (k, R)
     core = float(scale) * (R_B @ A_buf.detach().to(dtype))  # (k, d_in)
     U_c, S, Vh = torch.linalg.svd(core, full_matrices=False)  # (k, R'), (R',), (R', d_in)
@@ -55,7 +51,7 @@ def history_basis(As: list[Tensor], tol: float = 1e-6, *, dim: int | None = None
         if dim is None:
             raise ValueError("history_basis: empty list needs dim=d_in")
         return torch.zeros(dim, 0)
-    dtype = _work_dtype(*As)
+    dtype = at_least_float32(*As)
     M = torch.cat([a.detach().to(dtype) for a in As], dim=0)  # (sum r_j, d_in)
     if dim is not None and M.shape[1] != dim:
         raise ValueError(f"history_basis: rows have size {M.shape[1]}, expected {dim}")
@@ -66,32 +62,12 @@ def history_basis(As: list[Tensor], tol: float = 1e-6, *, dim: int | None = None
     return Vh[keep].T.contiguous()
 
 
-def column_history_basis(Bs: list[Tensor], tol: float = 1e-6, *, dim: int | None = None) -> Tensor:
-    """Orthonormal basis of the union of the column spaces of the B's.
-
-    Bs: list of (d_out, r_j) -> (d_out, m); ``dim`` = d_out for an empty list.
-    """
-    return history_basis([b.T for b in Bs], tol, dim=dim)
-
-
-def orth_history_basis(As: list[Tensor], Bs: list[Tensor], d_in: int, d_out: int,
-                       tol: float = 1e-6) -> Tensor:
-    """Q_hist for the orthogonality penalty (CRAM.md part 6): a basis in output space.
-
-    As: list of (r_j, d_in), Bs: list of (d_out, r_j) of the earlier same-group experts ->
-    (d_out, m): the row space of the A's when d_in == d_out, else the column space of the B's.
-    """
-    if d_in == d_out:
-        return history_basis(As, tol, dim=d_in)
-    return column_history_basis(Bs, tol, dim=d_out)
-
-
 def novelty(Vh: Tensor, Q: Tensor) -> Tensor:
     """Share of each direction outside span(Q): ``||v - Q Q^T v|| / ||v||``.
 
     Vh: (n, d_in) rows v, Q: (d_in, m) orthonormal columns -> (n,) in [0, 1]; all ones when m = 0.
     """
-    dtype = _work_dtype(Vh, Q)
+    dtype = at_least_float32(Vh, Q)
     V, Q = Vh.to(dtype), Q.to(device=Vh.device, dtype=dtype)
     resid = V - (V @ Q) @ Q.T  # (n, d_in)
     return resid.norm(dim=-1) / V.norm(dim=-1).clamp_min(_EPS)
@@ -100,7 +76,7 @@ def novelty(Vh: Tensor, Q: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------- selection
 def select_expert_directions(S: Tensor, novelty: Tensor | None, tau_alloc: float, tau_novel: float,
                              r_min: int, r_max: int, fixed_rank: int | None = None) -> Tensor:
-    """Which SVD directions of the buffer become the new expert (CRAM.md part 5, steps 2-4).
+    """Which SVD directions of the buffer become the new expert (docs/cram.md "Consolidation", steps 2-4).
 
     S: (R',) singular values, novelty: (R',) or None (no earlier experts in the group) ->
     LongTensor (r,) of kept indices into S, in descending-S order.
@@ -189,7 +165,7 @@ def consolidate_buffer(B_buf: Tensor, A_buf: Tensor, scale: float, history_As: l
                        tau_alloc: float = 0.08, tau_novel: float = 0.99, r_min: int = 4,
                        r_max: int = 9, fixed_rank: int | None = None,
                        tol: float = 1e-6) -> ConsolidationResult:
-    """Turn one module's buffer into the task's new expert (CRAM.md part 5, steps 1-6).
+    """Turn one module's buffer into the task's new expert (docs/cram.md "Consolidation", steps 1-6).
 
     B_buf: (d_out, R), A_buf: (R, d_in), scale = alpha / R; history_As: A's (r_j, d_in) of the
     earlier experts in the same group (empty list: none).
@@ -227,43 +203,3 @@ def consolidate_buffer(B_buf: Tensor, A_buf: Tensor, scale: float, history_As: l
         n_candidates=n_cand,
         n_replaced=replaced,
     )
-
-
-# ------------------------------------------------------------------------------------------- penalty
-def orthogonality_energy(z: Tensor, Q_hist: Tensor) -> Tensor:
-    """Energy of the new expert's output inside the history subspace: ``E_b = ||Q_hist^T z_b||^2``.
-
-    z: (B, d_out) = the new expert's output on the pooled image-token hidden states,
-    Q_hist: (d_out, m) orthonormal -> (B,) in at least float32; zeros when m = 0 (gradient still flows).
-    """
-    dtype = _work_dtype(z, Q_hist)
-    proj = z.to(dtype) @ Q_hist.to(device=z.device, dtype=dtype)  # (B, m)
-    return proj.pow(2).sum(-1)
-
-
-def gated_orthogonality_penalty(z: Tensor, Q_hist: Tensor, gate: Tensor) -> Tensor:
-    """``mean_b gate_b * E_b`` for one adapted module (lambda and the mean over layers: caller's).
-
-    z: (B, d_out), Q_hist: (d_out, m), gate: (B,) = summed routing weight of the earlier experts
-    per sample -> scalar. 0 for an empty batch.
-    """
-    E = orthogonality_energy(z, Q_hist)  # (B,)
-    if E.numel() == 0:
-        return E.sum()
-    return (gate.to(device=E.device, dtype=E.dtype).reshape(-1) * E).mean()
-
-
-def stacked_gated_penalties(h: Tensor, A: Tensor, B: Tensor, scale: Tensor, Q_hist: Tensor, gate: Tensor) -> Tensor:
-    """:func:`gated_orthogonality_penalty` of M same-shaped modules in one batched pass (one launch per op
-    instead of one per module: on a GPU, 128 modules' small ops otherwise leave the device waiting on the host).
-
-    h: (M, B, d_in) pooled inputs, A: (M, r, d_in), B: (M, d_out, r), scale: (M,) the new expert's scales,
-    Q_hist: (M, d_out, m), gate: (M, B) -> (M,) penalties, equal to the per-module function's (same op order).
-    """
-    dtype = _work_dtype(A, Q_hist)
-    hA = torch.bmm(h.to(A.dtype), A.transpose(1, 2))  # (M, B, r)
-    z = torch.bmm(scale.to(hA.dtype).view(-1, 1, 1) * hA, B.transpose(1, 2))  # (M, B, d_out)
-    E = torch.bmm(z.to(dtype), Q_hist.to(device=z.device, dtype=dtype)).pow(2).sum(-1)  # (M, B)
-    if E.shape[1] == 0:
-        return E.sum(-1)
-    return (gate.to(device=E.device, dtype=E.dtype) * E).mean(-1)

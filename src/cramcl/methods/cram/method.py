@@ -1,4 +1,5 @@
-"""CRAM: Centroid-Routing and Adaptive MoE (arXiv 2606.02502), as described in docs/cram.md.
+"""CRAM: Centroid-Routing and Adaptive MoE (arXiv 2606.02502): the method's lifecycle, docs/cram.md (its code
+map names the file of each mechanism).
 
 Per task: level-1 decides the task's instruction group from the mean text embedding of its first samples;
 a buffer LoRA trains alone during warm-up while c_buf averages the task's image embeddings; at the end of
@@ -30,17 +31,17 @@ import torch
 from torch import Tensor, nn
 
 from cramcl.encoders import RoutingEncoders
-from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
-from cramcl.methods.cram_config import ROUTING_MODES, CramConfig
-from cramcl.methods.cram_math import consolidate_buffer
-from cramcl.methods.cram_penalty import OrthogonalityPenalty
-from cramcl.methods.cram_routing import (SIGMA_UNITS, CentroidBank, best_two_expert_weight, group_layer_weights,
-                                        routing_check, scatter_group_weights)
-from cramcl.methods.cram_state import (describe_routing, load_cram_state, param_counts, report_sections,
-                                      save_cram_state, stream_analysis)
-from cramcl.routing.centroid import CentroidAccumulator, centroid_gap, standardizing_scale
-from cramcl.routing.groups import InstructionGroups
 from cramcl.errors import BadInputError
+from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
+from cramcl.methods.cram.centroids import (CentroidAccumulator, CentroidBank, best_two_expert_weight, centroid_gap,
+                                          group_layer_weights, routing_check, scatter_group_weights,
+                                          standardizing_scale)
+from cramcl.methods.cram.config import ROUTING_MODES, SIGMA_UNITS, CramConfig
+from cramcl.methods.cram.consolidation import consolidate_buffer
+from cramcl.methods.cram.groups import InstructionGroups
+from cramcl.methods.cram.penalty import OrthogonalityPenalty
+from cramcl.methods.cram.report import describe_routing, report_sections, stream_analysis
+from cramcl.methods.cram.state import load_cram_state, param_counts, save_cram_state
 from cramcl.utils.device import to_device
 from cramcl.utils.dist import all_reduce_sum, broadcast_from_main
 
