@@ -1,7 +1,7 @@
 """CRAM's consolidation (the SVD step at the end of warm-up) for every adapted module of a model, against the
-training time of the task it ends (issue target 4d: <= 1% of the task).
+training time of the task it ends (target: <= 1% of the task's training time).
 
-    python bench/consolidation.py [--dim 4096] [--modules 128] [--history 3] [--repeats 3] [--device cpu]
+    python -m bench consolidation [--dim 4096] [--modules 128] [--history 3] [--repeats 3] [--device cpu]
                                   [--task-seconds 3600] [--json F]
 
 Runs ``consolidate_buffer`` (the library's function) on ``--modules`` random rank-48 buffers of width ``--dim``
@@ -18,7 +18,7 @@ import torch
 
 from _timing import emit, side_by_side, synchronizer
 
-from cramcl.methods.cram_math import consolidate_buffer  # noqa: E402
+from cramcl.methods.cram.consolidation import consolidate_buffer  # noqa: E402
 
 
 def main() -> int:

@@ -1,8 +1,9 @@
 """The embedded backbone (the built-in stream's tiny model, CPU): CRAM's stable-phase training step against
-`lora-ft` at the same active rank (4b), and generation on mixed-task batches (4c), through the library's own
+`lora-ft` at the same active rank (target <= 1.10x), generation on mixed-task batches (target <= 1.05x the
+time) and CRAM's consolidation (target <= 1% of a task's training), through the library's own
 sessions, methods and batches (what `cramcl run` executes), side by side in one process.
 
-    python bench/embedded_suite.py [--steps 20] [--repeats 15] [--json F]
+    python -m bench embedded_suite [--steps 20] [--repeats 15] [--json F]
 
 Both methods first learn `shape` (same steps), then CRAM starts `colour` (same instruction: it joins shape's
 group), trains its warm-up and consolidates; the timed steps are CRAM's stable phase on colour's records
@@ -92,7 +93,7 @@ def main() -> int:
         run_warm()
     warm_s = (time.perf_counter() - t0) / warm.steps
     t0 = time.perf_counter()
-    cram.method.end_phase(warm)  # CRAM's consolidation: the SVD of every module's buffer (4d)
+    cram.method.end_phase(warm)  # CRAM's consolidation: the SVD of every module's buffer
     consolidation_s = time.perf_counter() - t0
     cram.method.begin_phase(phases[1])
     new = len(cram.method.expert_group) - 1

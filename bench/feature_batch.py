@@ -1,7 +1,7 @@
 """Images per EfficientNet-Lite0 forward for the tiny backbone's feature cache: time per image against the
 batch size, measured side by side in one process, and whether the features equal those of a batch of 64.
 
-    python bench/feature_batch.py [--threads 2] [--size 96] [--images 128] [--repeats 5]
+    python -m bench feature_batch [--threads 2] [--size 96] [--images 128] [--repeats 5]
 
 Rounds alternate the batch sizes (16, 32, 64, ...) so that a machine's drift hits all of them alike; the
 median per image of each size and its ratio to 64's are printed. First-time stream preparation encodes every

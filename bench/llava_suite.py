@@ -1,8 +1,9 @@
 """LLaVA-1.5-7B's shapes (random weights): CRAM's training step, generation and the data path, each against its
-reference side by side in one process (issue targets 4b, 4c and 4f at real shapes; 4a is adapter_layer.py).
+reference side by side in one process (targets: step <= 1.10x LoRA's at the same active rank, generation <= 1.05x
+LoRA's time, data path <= 1.05x the step on pre-made tensors; one adapted linear alone is adapter_layer.py).
 
-    python bench/llava_suite.py --json out.json         # a GPU, bf16 (CLIP ViT-L/14-336 + a 7B Llama)
-    python bench/llava_suite.py --tiny                  # a CPU smoke run of the same code, tiny widths
+    python -m bench llava_suite --json out.json         # a GPU, bf16 (CLIP ViT-L/14-336 + a 7B Llama)
+    python -m bench llava_suite --tiny                  # a CPU smoke run of the same code, tiny widths
 
 step      CRAM's stable phase, built from the library's own parts: a task joining a group that holds 3 frozen
           experts of ranks 4-9 (another group's 4 experts exist and do not run), the new rank-8 expert and
@@ -35,8 +36,8 @@ from _timing import emit, side_by_side, synchronizer
 
 from cramcl.adapters.inject import inject_adapters  # noqa: E402
 from cramcl.adapters.multi_lora import RoutingContext  # noqa: E402
-from cramcl.methods.cram_penalty import OrthogonalityPenalty  # noqa: E402
-from cramcl.methods.cram_routing import group_layer_weights, scatter_group_weights  # noqa: E402
+from cramcl.methods.cram.centroids import group_layer_weights, scatter_group_weights  # noqa: E402
+from cramcl.methods.cram.penalty import OrthogonalityPenalty  # noqa: E402
 from cramcl.utils.device import to_device  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -3,7 +3,7 @@ negligible and what is left is the Python and dispatch work per module that a GP
 times (LLaVA-7B) per token: a plain linear, our LoRA (one trainable expert), and CRAM's routed module with 8
 frozen experts and per-sample weights that come back unchanged (a decoding step).
 
-    python bench/module_host_time.py [--repeats 3000]
+    python -m bench module_host_time [--repeats 3000]
 """
 from __future__ import annotations
 

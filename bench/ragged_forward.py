@@ -1,6 +1,6 @@
 """The concatenated ragged-rank expert forward against a Python loop over experts (same math), side by side.
 
-    python bench/ragged_forward.py [--experts 8] [--dim 1024] [--batch 8] [--tokens 256]
+    python -m bench ragged_forward [--experts 8] [--dim 1024] [--batch 8] [--tokens 256]
 
 Prints the median time of each over repeated runs and their ratio (loop / concatenated): the reason the
 adapter layer runs every expert of every rank as one matmul weighted per sample.
