@@ -126,7 +126,7 @@ def test_two_shapes_fit_only_the_relation_their_caption_states():
     """A caption's relation must be readable from its image: the two shapes lie on one line across the relation
     axis (within ``ACROSS_JITTER``) and apart along it, and the generic caption names the same arrangement.
     With both coordinates free, 40% of pairs lay both left of and above each other and no method learned the
-    relation (docs/RESULTS.md)."""
+    relation (docs/results.md)."""
     import numpy as np
 
     from cramcl.data.builtin import scenes

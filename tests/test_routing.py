@@ -190,7 +190,7 @@ def test_centroid_accumulator():
 
 def _two_close_domains(n=200, dim=1280, seed=0):
     """Two clusters of L2-normalised embeddings with the geometry measured on the light/dark pair
-    (docs/routing-study.md): task means ~0.09 apart in squared distance, each sample ~0.55 from its mean."""
+    (studies/routing-embedding/README.md): task means ~0.09 apart in squared distance, each sample ~0.55 from its mean."""
     g = torch.Generator().manual_seed(seed)
     base = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0) * 0.6
     shift = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0) * 0.15
