@@ -20,6 +20,7 @@ import yaml
 
 from cramcl.config_checks import check_choices
 from cramcl.errors import BadInputError
+from cramcl.methods.registry import is_builtin, method_config_class, normalize_method_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROFILES = ("quick", "default", "paper")  # paper: the CRAM paper's training protocol for real models
@@ -39,7 +40,7 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "tiny"  # tiny (embedded) | hf (issue: real models)
+    name: str = "tiny"  # tiny (embedded) | hf (a local transformers model: docs/real-models.md)
     image_size: int = 96  # EfficientNet-Lite0 gives 3x3 feature tokens at 96 px
     hidden_size: int = 256
     num_layers: int = 4
@@ -50,7 +51,7 @@ class BackboneConfig:
     base_lr: float = 2.0e-3
     base_seed: int = 0  # the base stage's own seed: `seed` (and --seeds) vary the continual part, not the base
     # a first stage on the benchmark's `pretrain_first:` records alone, before the base stage proper (0 = none);
-    # the MC study's option reading needs it at this lr and warm-up (docs/mc-study.md, round 4)
+    # the tiny LM learns to read multiple-choice options only this way (docs/profiles.md, "default: base_path")
     base_first_steps: int = 0
     base_first_lr: float = 5.0e-4
     base_first_warmup: int = 300
@@ -96,8 +97,8 @@ class TrainConfig:
     loader_workers: int | str = "auto"
     progress_seconds: float = 30.0  # when stderr is not a terminal: one progress update per this many seconds
     # a step checkpoint (checkpoints/step/) every N optimizer steps, so an interrupted task resumes mid-task and
-    # loses at most N steps; 0 = only after each task. 100: on a 7B model at 1-3 s a step, <= 5 minutes lost,
-    # for one write of the adapters + optimizer state (well under a second) per 100 steps
+    # loses at most N steps; 0 = only after each task. 100: a few minutes lost at most on a 7B model, for one
+    # cheap write of the adapters + optimizer state per 100 steps (docs/real-models.md)
     step_checkpoint_every: int = 100
 
 
@@ -279,8 +280,6 @@ def _merge(base: dict, extra: dict) -> dict:
 def resolve_config(*, method: str | None = None, profile: str | None = None, config_file: str | None = None,
                    benchmark: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Build the fully resolved config from every layer (see the module docstring)."""
-    from cramcl.methods.registry import method_config_class
-
     user = _read_yaml(Path(config_file)) if config_file else {}
     cli = parse_overrides(list(overrides))
     user_name, user_args = _split_method(user, str(config_file))
@@ -290,8 +289,6 @@ def resolve_config(*, method: str | None = None, profile: str | None = None, con
                             f"{_nearest(str(user['profile']), list(PROFILES))}")
     cli_name, cli_args = _split_method(cli, "command line")
     # the method and profile may come from any layer; the command line's flags win
-    from cramcl.methods.registry import is_builtin, normalize_method_name
-
     method = normalize_method_name(method or cli_name or user_name or "cram")
     profile = profile or cli.pop("profile", None) or user.pop("profile", None) or "default"
     if not isinstance(profile, str) or profile not in PROFILES:
@@ -348,8 +345,6 @@ def apply_layers(cfg: RunConfig, method_cfg, layers: list[tuple[str, dict, dict]
 
 def config_from_dict(data: dict, where: str = "config.yaml") -> RunConfig:
     """Rebuild a RunConfig from a saved ``config.yaml`` (used by ``--resume`` and ``cramcl eval``)."""
-    from cramcl.methods.registry import method_config_class
-
     data = dict(data)
     method_args = data.pop("method_args", {}) or {}
     cfg = RunConfig()

@@ -3,7 +3,9 @@ resolved config before anything is built or written; every problem is one line n
 file (or command line) that set it."""
 from __future__ import annotations
 
+from cramcl.engine.budget import budget_problems
 from cramcl.errors import BadInputError
+from cramcl.methods.registry import method_config_class
 
 #: ``backbone.base_path: builtin`` (the default profile's): the tiny backbone's base shipped for the built-in
 #: stream (backbones/tiny/saved_base.py); it means nothing to a real model, so it is not an error there.
@@ -64,9 +66,6 @@ def check_choices(cfg, where: str, origins: dict[str, str] | None = None) -> Non
             strict = len(bounds) == 3 and not bounds[2]
             want = (f"> {lo}" if strict else f">= {lo}") if hi is None else f"in [{lo}, {hi}]"
             problems.append(f"{at(f'{section}.{key}')}: {section}.{key}: {value!r} must be {want}")
-    from cramcl.engine.budget import budget_problems
-    from cramcl.methods.registry import method_config_class
-
     problems += [f"{where}: {p}" for p in budget_problems(cfg.train)]
     method_cfg = method_config_class(cfg.method)(**cfg.method_args)
     # every class of the method's config checks its own fields (a subclass's problems() need not call super)

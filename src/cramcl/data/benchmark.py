@@ -29,6 +29,7 @@ import yaml
 
 from cramcl.data.records import Record, read_records
 from cramcl.errors import BadInputError
+from cramcl.eval.scorers import check_reference, resolve_scorer, scorer_label
 
 TOP_KEYS = ("name", "image_root", "tasks", "pretrain", "pretrain_first")
 TASK_KEYS = ("name", "train", "test", "scorer")
@@ -51,8 +52,6 @@ class TaskSpec:
     @property
     def scorer_label(self) -> str:
         """The scorer as shown to users and in matrix.json: ``exact``, ``anls(threshold=0.5)``."""
-        from cramcl.eval.scorers import scorer_label
-
         return scorer_label(self.scorer, dict(self.scorer_params))
 
 
@@ -140,8 +139,6 @@ def _check_task(yaml_path: Path, index: int, raw: Any, seen: dict[str, int]) -> 
     base = yaml_path.parent
     train = _path_field(where, raw, "train", base, problems)
     test = _path_field(where, raw, "test", base, problems)
-    from cramcl.eval.scorers import resolve_scorer  # late: the eval package may import heavier things
-
     scorer, params, found = resolve_scorer(raw.get("scorer"))
     problems += [f"{where}: {p}" for p in found]
     return {"name": name, "train": train, "test": test, "scorer": scorer,
@@ -151,8 +148,6 @@ def _check_task(yaml_path: Path, index: int, raw: Any, seen: dict[str, int]) -> 
 def _check_references(test_file: Path, scorer: str, records: tuple[Record, ...]) -> list[str]:
     """Test records whose references the task's scorer cannot read (a choice answer without an option
     letter, a bbox_iou answer that is not a box), one line each."""
-    from cramcl.eval.scorers import check_reference
-
     problems = []
     for r in records:
         for why in check_reference(scorer, list(r.answers) or r.answer, r.question):

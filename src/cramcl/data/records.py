@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from cramcl.errors import BadInputError
+
 _IMAGE_MARK = re.compile(r"\n*<image>\n*")
 
 
@@ -48,8 +52,6 @@ def check_image(path: Path) -> str | None:
     ``verify()`` catches truncated or corrupt headers and chunks; a second open plus ``load()``
     catches pixel data that does not decode (verify does not decode it).
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.verify()
@@ -237,10 +239,6 @@ def read_records(
 
 def open_rgb(path: Path):
     """The image at ``path`` as an RGB PIL image; an unreadable file is bad input naming it (exit 2)."""
-    from PIL import Image
-
-    from cramcl.errors import BadInputError
-
     try:
         with Image.open(path) as im:
             return im.convert("RGB")

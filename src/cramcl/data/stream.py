@@ -4,16 +4,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from cramcl.backbones.tiny.vision import cache_root
 from cramcl.config import DataConfig
 from cramcl.data.benchmark import Benchmark, load_benchmark
-from cramcl.data.records import Record, read_records
+from cramcl.data.builtin import generate_builtin
+from cramcl.data.records import Record, check_image, read_records
 from cramcl.errors import BadInputError
+from cramcl.utils.progress import bar as progress_bar
 
 
 def builtin_benchmark_path(cfg: DataConfig) -> Path:
-    from cramcl.backbones.tiny.vision import cache_root
-    from cramcl.data.builtin import generate_builtin
-
     out = cache_root() / "builtin" / f"seed{cfg.builtin_seed}-train{cfg.builtin_n_train}-test{cfg.builtin_n_test}"
     return generate_builtin(out, seed=cfg.builtin_seed, n_train=cfg.builtin_n_train, n_test=cfg.builtin_n_test)
 
@@ -35,10 +35,6 @@ def load_stream(cfg: DataConfig) -> Benchmark:
 def check_stream_images(bench: Benchmark) -> None:
     """Decode every image of every task (each file once, with a progress bar); every unreadable one is bad
     input naming the image, the task, the split and the first record that uses it."""
-    from cramcl.utils.progress import bar as progress_bar
-
-    from cramcl.data.records import check_image
-
     first_use: dict[Path, str] = {}
     for task in bench.tasks:
         for split, records in (("train", task.train), ("test", task.test)):

@@ -15,6 +15,7 @@ from accelerate.utils import gather_object
 from cramcl.utils.progress import bar as progress_bar
 
 from cramcl.engine.kill_points import kill_point
+from cramcl.engine.loader import make_loader
 from cramcl.eval.scorers import score_task
 
 
@@ -26,8 +27,6 @@ def predict(accelerator, backbone, method, records, batch_size: int, desc: str =
     ``task_ids`` (one stream index per record) reach the method, as ``batch["task_index"]`` (B,), only if
     it declares ``uses_task_id_at_eval`` (oracle bounds). ``loader_workers``: processes building the batches
     (see engine/loader.py); batches are pinned and copied asynchronously on a GPU."""
-    from cramcl.engine.loader import make_loader
-
     model = accelerator.unwrap_model(backbone.model)
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -9,7 +9,7 @@
 - BWT (backward transfer) = mean_{i<L} (A[L][i] - A[i][i])
 - forgetting = mean_{i<L} max_{i<=l<L} (A[l][i] - A[L][i])   (rows before i have not trained on i)
 
-For a finished stream L = T - 1 and these are exactly the definitions of the CRAM spec.
+For a finished stream L = T - 1, and these are the usual definitions over the whole matrix.
 
 Conventions
 - Unevaluated cells are skipped: every mean runs over the available cells only (a BWT term needs both of

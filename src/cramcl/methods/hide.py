@@ -3,7 +3,7 @@ expansion on top).
 
 Source: the authors' code, Ghy0501/HiDe-LLaVA: the lower-layer fusion in ``HiDe/peft/tuners/clitmoelora.py``
 and the top layer's anchor mixing in ``llava/model/llava_arch.py`` (MCITlib carries a copy); the variant
-``fusion: products`` is LAMDA-CL/Prism's port. Read, not copied; PEERS.md describes both.
+``fusion: products`` is LAMDA-CL/Prism's port. Read, not copied (docs/peers.md, "HiDe-LLaVA").
 
 Training, per task t (expert index == task index): a fresh LoRA expert (rank 8, alpha 16) on every adapted
 linear trains alone on the task (routing weights one-hot on t; the earlier experts are frozen). The task's
@@ -13,15 +13,13 @@ anchors are stored: the mean image embedding and the mean text embedding of its 
 Evaluation (no task id):
 * lower layers (every adapted layer but the top ``top_layers``, default 1): one merged expert. ``fusion``:
   ``factors`` (default, the authors'): ``y = W0 x + s (sum_i B_i)(sum_i A_i) x``, cross terms B_i A_j
-  included; ``products`` (Prism's port): ``y = W0 x + s sum_i B_i A_i x``. The two differ a lot, so the
-  variant is named: on built-in stream v4 (three seeds, docs/RESULTS-v4.md) MFN 17.7 +- 10.1 for factors
-  against 34.5 +- 3.6 for products; factors' cross terms are 0.8x the intended update after two tasks, 2x
-  after nine (bench/peer_diagnostics.py).
+  included; ``products`` (Prism's port): ``y = W0 x + s sum_i B_i A_i x``. The two differ a lot (the
+  cross terms grow with the number of tasks), so the variant is named (docs/peers.md, "HiDe-LLaVA").
 * top layer: the experts mixed per sample by similarity to the anchors,
   ``w = softmax_k(scale * (image_weight cos(q, a^img_k) + text_weight cos(t, a^txt_k)))``. ``anchor_mixing``:
   ``authors`` (default): the mean of the two cosines with softmax(sim / 0.1), i.e. weights 0.5 / 0.5, scale
-  10; ``same``: SAME's task prior (0.2 image + 0.8 text, scale 28), which an earlier spec of ours gave for
-  HiDe by mistake. ``image_weight``, ``text_weight``, ``anchor_scale`` (null: the preset's) override one part.
+  10; ``same``: SAME's task prior (0.2 image + 0.8 text, scale 28), not HiDe's, kept
+  as a variant. ``image_weight``, ``text_weight``, ``anchor_scale`` (null: the preset's) override one part.
 
 Where we differ from the authors' code:
 * experts sit on the attention projections of every decoder layer (``backbone.targets``: q, k, v, o), the

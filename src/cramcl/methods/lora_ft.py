@@ -1,7 +1,8 @@
 """`lora-ft`: one LoRA trained task after task (the lower bound: it forgets).
 
-Source: the field's sequential-LoRA baseline (PEERS.md; LAMDA-CL/Prism and LAMDA-CL/EMNLP2026-CRAM configure
-it in ``config/methods/ft_lora.py``); no single original to follow. Ours: rank 8, alpha 16, dropout 0.05 on
+Source: the field's sequential-LoRA baseline (LAMDA-CL/Prism and LAMDA-CL/EMNLP2026-CRAM configure it in
+``config/methods/ft_lora.py``; docs/peers.md, "Bounds: MTL, oracle-LoRA, LoRA-FT, zero-shot"); no single
+original to follow. Ours: rank 8, alpha 16, dropout 0.05 on
 q, k, v, o of every decoder layer, the same LoRA continuing from task to task with a fresh optimizer per task.
 """
 from __future__ import annotations

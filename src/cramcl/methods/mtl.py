@@ -10,14 +10,17 @@ nothing (no training records, no phases). Each row t of the matrix therefore eva
 on the tasks 0..t: the rows agree, BWT = 0 and forgetting = 0 by construction; MFN / final accuracy is the
 number to compare. It sees every task's data at the start: it is a bound, not a continual method.
 
-Source: the field's multi-task upper bound (PEERS.md); no single original. Where it differs from how papers
-usually train it: the joint budget is the stream's (the sum of the tasks' budgets), so it sees as many batches
-as a sequential method, not more epochs.
+Source: the field's multi-task upper bound (docs/peers.md, "Bounds: MTL, oracle-LoRA, LoRA-FT, zero-shot");
+no single original. Where it differs from how papers usually train it: the joint budget is the stream's (the
+sum of the tasks' budgets), so it sees as many batches as a sequential method, not more epochs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accelerate import PartialState
+
+from cramcl.engine.budget import task_steps
 from cramcl.methods.base import Phase
 from cramcl.methods.lora_ft import LoraFT, LoraFTConfig
 
@@ -58,10 +61,6 @@ class MultiTask(LoraFT):
         train = getattr(train, "train", None)
         if train is None or train.epochs_per_task is None or not self.task_sizes:
             return first_task_steps * self.num_tasks
-        from accelerate import PartialState
-
-        from cramcl.engine.budget import task_steps
-
         world = PartialState().num_processes
         return sum(task_steps(train, n, world) for n in self.task_sizes)
 

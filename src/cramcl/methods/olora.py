@@ -1,7 +1,7 @@
 """`olora`: O-LoRA (Wang et al., Findings of EMNLP 2023): a new LoRA per task, kept orthogonal to the old ones.
 
 Source: the authors' code (cmnfriend/O-LoRA: the orthogonality loss in its model code, lambda1 = 0.5 in its
-training scripts) and MCITlib's multimodal port (lambda1 = 0.05); read, not copied (PEERS.md).
+training scripts) and MCITlib's multimodal port (lambda1 = 0.05); read, not copied (docs/peers.md, "O-LoRA").
 
 Per task t every adapted linear gets a fresh LoRA (rank 8, alpha 16, so scale 2); the earlier tasks' LoRAs are
 frozen but stay in the forward with weight 1 (no routing, no task id):
@@ -16,10 +16,9 @@ which pushes the rows of the new A (the input subspace the new task writes from)
 The penalty (already multiplied by lambda1) is reported as the aux loss ``orth``.
 
 ``lambda1`` is a number or a named value: ``original`` = 0.5 (the O-LoRA scripts; the default, as a faithful
-baseline) or ``mcitlib`` = 0.05 (MCITlib's multimodal port). On built-in stream v4 (three seeds,
-docs/RESULTS-v4.md) the penalty at a task's 10th step is 6.5x the LM loss at 0.5 and 0.8x at 0.05 (median over
-tasks), and new tasks learn less at 0.5 (MFT 73.0 +- 0.6 against 76.0 +- 0.3); both forget about 20-26
-points, since every later LoRA stays in the forward of the earlier tasks' inputs.
+baseline) or ``mcitlib`` = 0.05 (MCITlib's multimodal port). At 0.5 the penalty outweighs the LM loss, so
+new tasks learn less; both values forget, since every later LoRA stays in the forward of the earlier tasks'
+inputs (docs/peers.md, "O-LoRA").
 
 Where we differ from the sources:
 * the LoRAs sit on q, k, v, o of every decoder layer (the adapted set every method here shares);

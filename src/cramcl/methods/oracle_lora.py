@@ -11,9 +11,9 @@ one-hot on t; every earlier LoRA is frozen and gets weight 0), so tasks never in
 numerical noise. The one-hot weights run through the shared ragged-rank matmul of ``MultiLoRALinear`` (the
 zero-weighted experts cost compute but contribute nothing); ``active_per_sample`` counts one LoRA.
 
-Source: the field's per-task LoRA with the oracle task id (PEERS.md, "Per-task LoRA with oracle task id");
-no single original. Ours: rank 8, alpha 16 on q, k, v, o, the same expert shape as the other per-task
-baselines, so its gap to them is routing alone.
+Source: the field's per-task LoRA with the oracle task id (docs/peers.md, "Bounds: MTL, oracle-LoRA,
+LoRA-FT, zero-shot"); no single original. Ours: rank 8, alpha 16 on q, k, v, o, the same expert shape as the
+other per-task baselines, so its gap to them is routing alone.
 """
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 Source: the field's replay baseline as LAMDA-CL/Prism and MCITlib run it (their replay baseline: a fixed-size
 buffer of earlier tasks' samples mixed into later tasks' training); no single original. Results depend
-strongly on the buffer size (9-task built-in stream v4, three seeds, docs/RESULTS-v4.md: 2%, 90 records,
-gives MFN 71.2 +- 1.3; 10% gives 80.8 +- 0.7), so the size is one setting and every report states it.
+strongly on the buffer size (docs/peers.md, "Replay"), so the size is one setting and every report states it.
 
 Buffer size: ``buffer``, either a fraction of the stream's training records or a number of records:
 * a number in [0, 1), or a percentage such as ``"10%"``: that share of every task's training records summed

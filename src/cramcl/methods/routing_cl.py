@@ -1,8 +1,8 @@
-"""`routing-cl`: routing-based continual learning (Mohta et al., arXiv 2511.01831; PHATGOOSE-style), PEERS.md.
+"""`routing-cl`: routing-based continual learning (Mohta et al., arXiv 2511.01831; PHATGOOSE-style).
 
 Source: the PHATGOOSE authors' code, r-three/phatgoose (gate vectors trained after each frozen expert, zero
 initialised, 100 steps at lr 5e-3 with accumulation 32, top-2 routing on LayerNorm'ed scores), as the
-routing-CL paper adopts it; read, not copied.
+routing-CL paper adopts it; read, not copied (docs/peers.md, "Routing-based CL").
 
 Pure isolation plus a token-level router learned after the fact. Per task t (expert index == task index):
 
@@ -22,9 +22,10 @@ The gate budget (``gate_budget``; ``gate_steps``, ``gate_lr``, ``gate_accum`` ov
   (``train_gates_after``; the trainer's loop knows one batch size per task), on the task's own records in a
   seeded order, gradients averaged over processes. Its steps are not in ``budget.steps_per_task`` of
   metrics.json (the trainer's) but in ``method_analysis.gate_training``.
-* ``ours`` (the built-in profiles' choice: 32 x 100 micro-batches would be 32 times the expert's 100 steps
-  on 2 CPU cores, and issue 8 measured that the larger budget does not help on the built-in stream): a gate
-  phase taken out of the task's step budget, ``min(gate_steps, ceil(gate_fraction * steps_per_task))`` steps
+* ``ours`` (the built-in profiles' choice: 32 x 100 micro-batches would be 32 times the expert's 100 steps,
+  and the larger budget does not help on the built-in stream; docs/profiles.md, "default: routing-cl
+  gate_budget"): a gate phase taken out of the task's step budget,
+  ``min(gate_steps, ceil(gate_fraction * steps_per_task))`` steps
   (at least 1, leaving the expert at least 1; ``gate_fraction: 0.2`` gives <= 20 of 100 steps; null removes
   the cap) at ``gate_lr`` = 1e-3 on the trainer's batches and schedule; ``gate_accum`` must be 1.
 
@@ -34,8 +35,8 @@ Where we differ from the source:
   (accumulated over the expert phase, padding excluded) instead of PHATGOOSE's zeros;
 * the ``phatgoose`` gate loop runs without the trainer's mixed-precision autocast (the model's own dtype) and
   is not counted in the runner's per-task training time;
-* measured on the built-in stream (issue 8): token top-1 routing picks the task's own expert 10-70% of the
-  time, and the PHATGOOSE budget does not raise MFN (31.4).
+* on the built-in stream the gates often pick another task's expert, whatever the budget (docs/peers.md,
+  "Routing-based CL");
 * ``active_per_sample`` counts, per token, the top-k experts' LoRA parameters plus every gate vector (all of
   them are scored); ``stored`` counts every expert and every gate.
 """

@@ -11,12 +11,12 @@ Inference (no task id): per sample, the router's token mean times a prior from p
 prototypes, top-2, renormalised. The math is in :mod:`cramcl.methods.same_math`.
 
 Source: LAMDA-CL/Prism's SAME (the same code ships in LAMDA-CL/EMNLP2026-CRAM: ``PEFT/tuners/custom/same.py``,
-settings in ``config/methods/same.py``), with the paper (PEERS.md); read, not copied. Where we differ:
+settings in ``config/methods/same.py``), with the paper; read, not copied (docs/peers.md, "SAME"). Where we differ:
 * the task prior's image / text prototypes come from our routing encoders (MiniLM and pooled backbone
   features by default; the authors: CLIP), as CRAM's routing does;
-* where PEERS.md is silent we chose: earlier tasks' input spectra are merged with equal weight into one
+* where the paper is silent we chose: earlier tasks' input spectra are merged with equal weight into one
   (U, s) per adapted linear (``spectra_tasks``), and the statistics use the batch's unpadded tokens only;
-* the numbers follow PEERS.md (refresh every 20 steps from step 10, energy 0.9, clip [0.8, 1.2], mu 0.9,
+* the settings follow the paper (refresh every 20 steps from step 10, energy 0.9, clip [0.8, 1.2], mu 0.9,
   EMA 0.95, freeze threshold 0.1, prior 0.2 / 0.8 with scale 28, top-2).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SAME's math as pure tensor functions (PEERS.md, "SAME — Stabilized Mixture-of-Experts").
+"""SAME's math as pure tensor functions (docs/peers.md, "SAME").
 
 * spectra of a layer's inputs: a randomized range finder for the top principal directions and their stds,
   the energy rule that keeps k of them, and the merge of two spectra (a task's batches, the tasks so far);

@@ -1,7 +1,8 @@
 """`zero-shot`: the frozen base, no training (a floor for every table).
 
-Source: the field's zero-shot row (PEERS.md; ``config/methods/zeroshot.py`` in LAMDA-CL/Prism and its CRAM
-fork). Nothing differs: the base is evaluated after every task exactly as the trained methods are.
+Source: the field's zero-shot row (``config/methods/zeroshot.py`` in LAMDA-CL/Prism and its CRAM fork;
+docs/peers.md, "Bounds: MTL, oracle-LoRA, LoRA-FT, zero-shot"). Nothing differs: the base is evaluated after
+every task exactly as the trained methods are.
 """
 from __future__ import annotations
 

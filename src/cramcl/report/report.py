@@ -1,6 +1,6 @@
 """``report.md`` of a run and the text formats of ``cramcl metrics``.
 
-Inputs follow the run-directory layouts of ARCHITECTURE.md:
+Inputs follow the run-directory layouts (docs/run-directory.md):
 - matrix: ``{"method": str, "tasks": [name, ...], "scores": [[float|null, ...], ...], "scorers": {task: scorer}}``
 - metrics: ``{"MFT", "MFN", "MAA", "BWT", "forgetting": float|null, "params": {"trainable_per_task": [int],
   "stored_total": int, "active_per_sample": int}, "time_s": {...}}``

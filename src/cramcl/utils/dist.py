@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast, gather, reduce
 from torch import Tensor
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Sum ``t`` over every process (Accelerate's state; a copy in one process)."""
-    from accelerate import PartialState
-    from accelerate.utils import reduce
-
     state = PartialState()
     if state.num_processes == 1:
         return t.clone()
@@ -18,9 +17,6 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 def broadcast_from_main(t: Tensor) -> Tensor:
     """Make every process hold the main process's ``t`` (e.g. consolidation results)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast
-
     state = PartialState()
     if state.num_processes == 1:
         return t
@@ -30,9 +26,6 @@ def broadcast_from_main(t: Tensor) -> Tensor:
 def check_identical_across_processes(tensors: dict[str, Tensor], what: str, atol: float = 1e-6) -> int:
     """Raise if any process holds different values in ``tensors`` (e.g. experts, centroids, prototypes
     after a task); returns the number of processes compared. A cheap fingerprint per tensor is gathered."""
-    from accelerate import PartialState
-    from accelerate.utils import gather
-
     state = PartialState()
     if state.num_processes == 1:
         return 1

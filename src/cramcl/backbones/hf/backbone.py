@@ -20,7 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,  # noqa: E402
+                          GenerationConfig)
 
 from cramcl.backbones.hf.chat import ChatFormat  # noqa: E402
 from cramcl.backbones.hf.collate import HFCollator  # noqa: E402
@@ -80,9 +83,6 @@ def image_only_processor(cls, **parts):
 
 def load_processor(path: Path):
     """``AutoProcessor``; if only its video processor cannot load (no torchvision), the image-only processor."""
-    import transformers
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
     try:
         return AutoProcessor.from_pretrained(path)
     except (ImportError, OSError, ValueError) as exc:
@@ -112,8 +112,6 @@ class HFBackbone:
     """The Backbone protocol over a local transformers image-text-to-text model (frozen)."""
 
     def __init__(self, options: HFOptions | None = None, log=print, **kwargs):
-        from transformers import AutoModelForImageTextToText, GenerationConfig
-
         self.options = opts = options or HFOptions(**kwargs)
         self.path = resolve_model_path(opts.model_path)
         if opts.dtype != "auto" and opts.dtype not in DTYPES:
@@ -273,8 +271,6 @@ class HFBackbone:
 
     # ------------------------------------------------------------------ description
     def describe(self) -> dict:
-        import transformers
-
         return {"backbone": "hf", "model_path": str(self.path), "model_type": self.model.config.model_type,
                 "architecture": type(self.model).__name__, "dtype": str(self.dtype).removeprefix("torch."),
                 "num_layers": self.num_layers, "hidden_size": int(self.text_config.hidden_size),

@@ -15,6 +15,12 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers.utils import is_torchvision_available
+
+from cramcl.backbones.hf.backbone import image_only_processor
 
 ARCHITECTURES = ("llava", "qwen2_vl", "idefics3", "internvl")
 IMAGE_SIZE = 32  # pixels; every builder gives 16 image tokens per image at this size
@@ -65,9 +71,6 @@ _SPECIAL = {  # (specials in vocabulary order, bos, eos, pad, extra attributes f
 
 def build_tokenizer(arch: str, corpus: list[str] = (), vocab_size: int = 384):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with the architecture's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials, bos, eos, pad, extra = _SPECIAL[arch]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -91,22 +94,15 @@ def _text_config(kind: str, tok, hidden: int, layers: int, heads: int, **extra) 
 
 def _video_processor(name: str, **kwargs):
     """The architecture's video processor where torchvision is installed (it needs it), else None."""
-    import transformers
-    from transformers.utils import is_torchvision_available
-
-    return getattr(transformers, name)(**kwargs) if is_torchvision_available() else None
+    return getattr(tf, name)(**kwargs) if is_torchvision_available() else None
 
 
 def _processor(cls, video, **parts):
-    from cramcl.backbones.hf.backbone import image_only_processor
-
     return cls(video_processor=video, **parts) if video is not None else image_only_processor(cls, **parts)
 
 
 def _build(arch: str, tok, hidden: int, layers: int):
     """(model, processor) for ``arch`` with a ``hidden``-wide LLM of ``layers`` layers."""
-    import transformers as tf
-
     heads = 4
     S = IMAGE_SIZE
     tid = tok.convert_tokens_to_ids
@@ -170,8 +166,6 @@ def build_tiny_model(arch: str, out_dir: str | Path, *, hidden: int = 64, layers
 
     ``corpus``: extra text for the tokenizer's merges (optional; any text round-trips anyway). Returns the
     directory; an existing complete one is reused."""
-    from transformers import GenerationConfig
-
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "processor_config.json").is_file():
         return out
@@ -203,6 +197,7 @@ def save_processor(processor, out: Path) -> None:
 def build_tiny_clip(out_dir: str | Path, *, projection_dim: int = 16, seed: int = 0) -> Path:
     """A random-weight CLIP (text + vision towers) with tokenizer and image processor, saved like a real
     checkpoint: the stand-in for the paper's CLIP routing encoders in tests (nothing is downloaded)."""
+    # here, not at the top: without torchvision, importing CLIPImageProcessor logs a fallback warning
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     out = Path(out_dir)

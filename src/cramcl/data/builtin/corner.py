@@ -33,7 +33,7 @@ def _where(corner: str) -> str:
 
     The word itself must occur in the base corpus: the tiny LM's word embeddings are frozen with the
     base, so an answer word the base never saw would have a random output embedding for LoRA to fight
-    (a one-task LoRA then stayed at 22% on ``corner`` in 100 steps)."""
+    (too much for a task's few steps)."""
     return f"in the {corner} corner"
 
 

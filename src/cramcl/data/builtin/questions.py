@@ -12,8 +12,8 @@ NUMBER = "What number does the picture show?"
 CORNER = "In which corner of the picture is the object?"
 CAPTION = "Describe the scene briefly."
 #: The multiple-choice letter format: its stem before the options and its tail after them. The long stem keeps
-#: MiniLM from pulling a task whose options are corner words into the corner format's group (margin 0.42
-#: over it, against 0.25 with "Which option matches the picture?").
+#: MiniLM from pulling a task whose options are corner words into the corner format's group (docs/profiles.md,
+#: "default: cram theta").
 CHOICE = "Multiple-choice question: which option matches the picture?"
 CHOICE_TAIL = "Reply with the letter of the correct option."
 

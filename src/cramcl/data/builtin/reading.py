@@ -10,7 +10,7 @@ Per captioned base image (never a test image), :func:`choice_records` gives
 
 The binding records are also the base's first stage (``pretrain_first``): trained alone, at a low learning
 rate with a long warm-up, they teach the tiny LM to find an option by its content and copy its letter, which
-it does not learn inside the mixed corpus (docs/mc-study.md, rounds 3-4). Stems and option pools differ from
+it does not learn inside the mixed corpus (docs/profiles.md, "default: base_path"). Stems and option pools differ from
 the stream's multiple-choice tasks; only the tail after the options is shared, as real instruction data
 shares one ("Answer with the option's letter from the given choices directly.").
 """

@@ -43,8 +43,8 @@ def _shape_scene(rng: np.random.Generator, image_size: int) -> Sample:
     The caption names the left (or upper) shape first: "a red circle left of a blue square",
     "a red circle above a blue square", or just "a red circle". Two shapes lie along one axis: their centres
     differ across it by at most ``ACROSS_JITTER`` of the image, along it by more than ``MIN_SIZE`` of it, so
-    the image fits one relation only (with both coordinates free, 40% of pairs lay both left of and above each
-    other). The generic caption (the base corpus's) names the arrangement (``ARRANGEMENT``)."""
+    the image fits one relation only (with both coordinates free, many pairs would lie both left of and above
+    each other). The generic caption (the base corpus's) names the arrangement (``ARRANGEMENT``)."""
     s = float(image_size)
     im = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(im)

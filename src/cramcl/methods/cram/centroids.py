@@ -1,5 +1,5 @@
 """CRAM's level 2: per-(layer, expert) centroids and RBF routing inside an instruction group, docs/cram.md
-"Level 2: centroid routing".
+"Level 2: centroid routing inside the group".
 
 Every (layer, expert) pair owns a learnable centroid c_k in image-embedding space; an input with image
 embedding q is routed with ``pi_k = softmax_k(-||q - c_k||^2 / (2 sigma^2))`` over all experts of its

@@ -10,8 +10,8 @@ text embedding to the prototypes, then per-layer RBF weights over that group's e
 
 Source: the authors' code, LAMDA-CL/EMNLP2026-CRAM (a fork of LAMDA-CL/Prism): the adapted linear in
 ``PEFT/tuners/custom/cram_lora.py``, the paper's settings in ``config/methods/cram.py``; read, not copied
-(docs/cram.md reconstructs the method from the paper and that code). Where we differ (docs/cram.md, "Where
-cramcl differs from the authors' code", has the reasons):
+(docs/cram.md reconstructs the method from the paper and that code). Where we differ (the reasons: docs/cram.md,
+"Where cramcl differs from the authors' code, and why"):
 * routing per sample (``routing: per_sample``); the authors route a whole batch by its mean embeddings
   (``routing: batch_mean`` reproduces it);
 * one scale convention: the consolidated expert's factors absorb the buffer's scale (the authors' code
