@@ -48,7 +48,7 @@ def load_image_tensor(path: Path, size: int) -> Tensor:
 class EfficientNetFeatures:
     """Frozen EfficientNet-Lite0 feature maps as image tokens: (n_tokens = (size/32)^2, 1280) per image."""
 
-    # 16 images per forward: cheaper per image than larger batches on a CPU (bench/feature_batch.py), with
+    # 16 images per forward: cheaper per image than larger batches on a CPU (`python -m bench feature_batch`), with
     # bit-identical features; every forward is padded to exactly this many images (below)
     def __init__(self, image_size: int = 96, batch_size: int = 16):
         self.image_size = image_size
