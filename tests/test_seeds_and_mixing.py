@@ -70,7 +70,7 @@ def test_mixed_batches_score_each_record_as_its_own_task(oracle_run):
 
 # ------------------------------------------------------------------ seeds
 def test_parse_seeds():
-    from cramcl.engine.seeds import parse_seeds
+    from cramcl.engine.multi_seed import parse_seeds
     from cramcl.errors import BadInputError
 
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(" 3 ,5") == [3, 5]
@@ -80,7 +80,7 @@ def test_parse_seeds():
 
 
 def test_mean_and_sample_std():
-    from cramcl.engine.seeds import mean_std, pm
+    from cramcl.engine.multi_seed import mean_std, pm
 
     s = mean_std([70.0, 72.0, 74.0])
     assert s["mean"] == 72.0 and s["std"] == 2.0 and s["n"] == 3

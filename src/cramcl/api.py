@@ -16,6 +16,13 @@ from pathlib import Path
 
 from cramcl.config import RunConfig, resolve_config
 from cramcl.data.records import Record
+from cramcl.engine.compare import run_compare
+from cramcl.engine.export import export_peft
+from cramcl.engine.multi_seed import run_seeds
+from cramcl.engine.predict import one_question, predict_run
+from cramcl.engine.runner import run_stream
+from cramcl.engine.session import open_finished_run
+from cramcl.errors import BadInputError
 
 
 def load_config(*, method: str | None = None, profile: str | None = None, config_file: str | None = None,
@@ -31,9 +38,6 @@ def run(config: RunConfig, out: str | Path, *, seeds: list[int] | None = None, l
 
     Returns matrix.json's dict; with ``seeds``, one run per seed in ``out/seed_<s>`` and the summary dict
     (mean and sample std of every metric and final-row cell)."""
-    from cramcl.engine.runner import run_stream
-    from cramcl.engine.seeds import run_seeds
-
     if seeds:
         return run_seeds(config, Path(out), list(seeds), log=log)
     return run_stream(config, Path(out), log=log)
@@ -41,8 +45,6 @@ def run(config: RunConfig, out: str | Path, *, seeds: list[int] | None = None, l
 
 def resume(out: str | Path, *, log=print) -> dict:
     """Continue the interrupted run in ``out`` with its saved settings; returns matrix.json's dict."""
-    from cramcl.engine.runner import run_stream
-
     return run_stream(None, Path(out), resume=True, log=log)
 
 
@@ -50,8 +52,6 @@ def compare(methods: list[str], out: str | Path, *, profile: str | None = None, 
             benchmark: str | None = None, overrides: list[str] | tuple[str, ...] = (),
             seeds: list[int] | None = None, log=print) -> dict:
     """Several methods (or variants ``"cram:routing=oracle"``) on one stream and budget; compare.json's dict."""
-    from cramcl.engine.compare import run_compare
-
     return run_compare(list(methods), Path(out), profile=profile, config_file=config_file, benchmark=benchmark,
                        overrides=list(overrides), seeds=seeds, log=log)
 
@@ -75,8 +75,6 @@ class FinishedRun:
     def predict(self, questions: list[dict], *, explain: bool = False, after_task: int | None = None) -> list[dict]:
         """Answers to ``[{"image": path, "question": text, "id"?: str}]`` with no task id, through the
         evaluation code path; each row gains "answer" (and "routing" with ``explain``)."""
-        from cramcl.engine.predict import one_question, predict_run
-
         records: list[Record] = []
         for n, q in enumerate(questions):
             (rec,) = one_question(str(q["image"]), str(q["question"]))
@@ -84,10 +82,8 @@ class FinishedRun:
         return predict_run(self.path, records, explain=explain, after_task=after_task)
 
     def export_peft(self, task: str, out: str | Path) -> Path:
-        """That task's expert as a PEFT LoRA adapter directory (see docs/cram.md for what it cannot carry)."""
-        from cramcl.engine.export import export_peft
-        from cramcl.engine.session import open_finished_run
-
+        """That task's expert as a PEFT LoRA adapter directory (what it cannot carry: docs/cram.md, "Taking an
+        expert elsewhere: PEFT export")."""
         session, _, _ = open_finished_run(self.path, log=lambda *a: None)
         return export_peft(session, task, Path(out))
 
@@ -96,7 +92,5 @@ def open_run(path: str | Path) -> FinishedRun:
     """A finished (or partly finished) run directory."""
     path = Path(path)
     if not (path / "config.yaml").exists():
-        from cramcl.errors import BadInputError
-
         raise BadInputError(f"{path / 'config.yaml'}: not found; not the directory of a cramcl run")
     return FinishedRun(path)

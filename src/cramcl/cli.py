@@ -1,15 +1,22 @@
-"""The command line (thin: parse, resolve the config, call the library). Exit: 0 ok, 2 bad input, 1 internal."""
+"""The command line (thin: parse, resolve the config, call the library). Exit: 0 ok, 2 bad input, 1 internal.
+
+Each command function imports the modules it calls when it runs: the engine and report modules load torch,
+transformers or matplotlib, and even the light ones add to every start, which ``cramcl --help`` and a
+mistyped argument should not wait for.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
+from cramcl.config import PROFILES, resolve_config
 from cramcl.errors import BadInputError, TrainingFault
-from cramcl.config import PROFILES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from cramcl.config import resolve_config
     from cramcl.engine.runner import run_stream
+    from cramcl.eval.metrics import continual_metrics
+    from cramcl.methods.registry import method_label
 
     asked = None
     if args.force and not args.resume:
@@ -109,11 +117,9 @@ def _cmd_run(args) -> int:
     if args.out:
         out = Path(args.out)
     else:
-        from cramcl.methods.registry import method_label
-
         out = Path(f"runs/{method_label(cfg.method)}-{cfg.profile}")
     if args.seeds:
-        from cramcl.engine.seeds import parse_seeds, run_seeds
+        from cramcl.engine.multi_seed import parse_seeds, run_seeds
 
         summary = run_seeds(cfg, out, parse_seeds(args.seeds), resume=args.resume, asked=asked, force=args.force)
         print(f"done: {out}/summary.md")
@@ -121,19 +127,16 @@ def _cmd_run(args) -> int:
         return 0
     matrix = run_stream(cfg, out, resume=args.resume, asked=asked, force=args.force)
     print(f"done: {out}/report.md")
-    from cramcl.eval.metrics import continual_metrics
-
     print(json.dumps({k: (round(v, 2) if v == v else None) for k, v in continual_metrics(matrix["scores"]).items()}))
     return 0
 
 
 def _cmd_compare(args) -> int:
     from cramcl.engine.compare import run_compare
+    from cramcl.engine.multi_seed import parse_seeds
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out or "runs/compare")
-    from cramcl.engine.seeds import parse_seeds
-
     seeds = parse_seeds(args.seeds) if args.seeds else None
     run_compare(methods, out, profile=args.profile, config_file=args.config, benchmark=args.benchmark,
                 overrides=args.overrides, seeds=seeds)
@@ -159,10 +162,9 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_metrics(args) -> int:
+    from cramcl.eval.matrix_io import read_matrix
     from cramcl.eval.metrics import continual_metrics, json_safe
     from cramcl.report.report import format_metrics
-
-    from cramcl.eval.matrix_io import read_matrix
 
     path = Path(args.matrix)
     scores = read_matrix(path)["scores"]
@@ -193,7 +195,7 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from cramcl.engine.inspect import inspect_config, inspect_run
+    from cramcl.engine.inspect_run import inspect_config, inspect_run
 
     if args.run:
         print(inspect_run(Path(args.run), record_id=args.record))
@@ -286,8 +288,6 @@ def _resume_hint(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
     args = _parse(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
@@ -298,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

@@ -125,7 +125,7 @@ def _replay_share(run: Path) -> float | None:
     if len(ckpts) < 2 or any(m is None for m in metas):
         return None
     from cramcl.data.stream import load_stream
-    from cramcl.engine.runner import load_saved_config
+    from cramcl.engine.saved_config import load_saved_config
 
     tasks = load_stream(load_saved_config(run).data).tasks
     shares = []

@@ -113,8 +113,8 @@ def save_checkpoint(run_dir: Path, task_index: int, tensors: dict, method_meta: 
 def checkpoint_problem(path: Path, files: tuple[str, ...] = CHECKPOINT_FILES,
                        fmt: str = MANIFEST_FORMAT) -> str | None:
     """Why the checkpoint directory ``path`` cannot be trusted (naming the file), or None when every file
-    matches its manifest. A task checkpoint of cramcl 0.1 (no manifest) is accepted when its files parse.
-    ``files``/``fmt``: what the manifest must list and say (a step checkpoint has its own)."""
+    matches its manifest. A task checkpoint without a manifest (the first format) is accepted when its files
+    parse. ``files``/``fmt``: what the manifest must list and say (a step checkpoint has its own)."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists() and fmt != MANIFEST_FORMAT:
         return f"{manifest_path}: missing (not a complete checkpoint)"
@@ -122,7 +122,7 @@ def checkpoint_problem(path: Path, files: tuple[str, ...] = CHECKPOINT_FILES,
         missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
         if missing:
             return f"{path / missing[0]}: missing (and no {MANIFEST}: not a complete checkpoint)"
-        try:  # cramcl 0.1 wrote no manifest: the files must at least parse
+        try:  # no manifest to check against: the files must at least parse
             json.loads((path / "method.json").read_text())
             json.loads((path / "runner.json").read_text())
             load_file(str(path / "method.safetensors"))

@@ -5,11 +5,17 @@ is resumed. Then ``compare.json``, ``compare.md`` and three plots summarise them
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+from cramcl.config import resolve_config
 from cramcl.engine.checkpoint import write_json_atomic
+from cramcl.engine.multi_seed import seed_dir, write_seed_summary
+from cramcl.engine.runner import run_stream
 from cramcl.errors import BadInputError
+from cramcl.methods.registry import method_label
+from cramcl.report.compare_plots import plot_final_rows, plot_heatmap_grid, plot_mfn_vs_params
 
 COLUMNS = ("MFT", "MFN", "MAA", "BWT", "forgetting")
 OLD_DATA_METHODS = ("replay", "mtl")  # train on earlier tasks' records (mtl: all jointly)
@@ -23,8 +29,6 @@ def run_finished(run: Path) -> bool:
 
 def run_or_resume(cfg, run: Path, label: str, log=print) -> None:
     """Reuse a finished run directory, resume an interrupted one, or start ``cfg`` in it."""
-    from cramcl.engine.runner import run_stream
-
     if run_finished(run):
         log(f"== {label}: finished earlier, reusing {run}")
         return
@@ -48,8 +52,6 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 def variant_dir(spec: str) -> str:
     """The run directory name of a method spec (``cram:routing=oracle`` -> ``cram+routing=oracle``; a user's
     ``path/to/m.py:Class`` -> its class's name)."""
-    from cramcl.methods.registry import method_label
-
     name, settings = parse_variant(spec)
     label = method_label(name) if ":" in name else name
     return "+".join([label, *(s.removeprefix("method.") for s in settings)]).replace("/", "_")
@@ -59,11 +61,6 @@ def run_compare(methods: list[str], out: Path, *, profile=None, config_file=None
                 seeds: list[int] | None = None, log=print) -> dict:
     """Every method (or variant ``NAME:key=value``) on the same stream and budget, in ``OUT/<method>/``
     (with ``seeds``: ``OUT/<method>/seed_<s>/`` per seed, summarised as mean +- std)."""
-    import dataclasses
-
-    from cramcl.config import resolve_config
-    from cramcl.engine.seeds import seed_dir
-
     if not methods:
         raise BadInputError("--methods: give at least one method")
     if len(set(methods)) != len(methods):
@@ -100,9 +97,6 @@ def _method_row(method: str, run: Path) -> tuple[dict, list]:
 
 
 def write_comparison(out: Path, methods: list[str], seeds: list[int] | None = None) -> dict:
-    from cramcl.engine.seeds import seed_dir, write_seed_summary
-    from cramcl.report.compare_plots import plot_final_rows, plot_heatmap_grid, plot_mfn_vs_params
-
     rows, matrices, tasks = [], {}, None
     for method in methods:
         run = out / variant_dir(method)

@@ -3,22 +3,29 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
+from importlib.metadata import distributions
 from pathlib import Path
 
-from cramcl.engine.budget import global_batch
-
-# No network at run time: a wrong model path fails fast instead of hanging on a hub request.
+# No network at run time: a wrong model path fails fast instead of hanging on a hub request. Set before the
+# imports below, which read these variables when they are first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import accelerate  # noqa: E402
+import safetensors  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration  # noqa: E402
+
+import cramcl  # noqa: E402
+from cramcl.engine.budget import global_batch  # noqa: E402
+
 
 def make_accelerator(cfg, out: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-    import torch
-
     return Accelerator(
         # without a GPU, several processes (torchrun) form a gloo process group on the CPU
         cpu=not torch.cuda.is_available(),
@@ -35,8 +42,6 @@ def make_accelerator(cfg, out: Path):
 
 def installed_packages() -> list[str]:
     """Every installed distribution as ``name==version``, sorted (what ``pip freeze`` would list)."""
-    from importlib.metadata import distributions
-
     return sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]},
                   key=str.lower)
 
@@ -44,9 +49,6 @@ def installed_packages() -> list[str]:
 def git_commit() -> str | None:
     """The commit of the cramcl source tree when it is a git checkout (an editable install), else None; a
     '+dirty' suffix when it has uncommitted changes."""
-    import subprocess
-    from pathlib import Path
-
     src = Path(__file__).resolve().parents[3]
     try:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -60,14 +62,7 @@ def git_commit() -> str | None:
 
 
 def environment_record(cfg, accelerator, backbone, bench) -> dict:
-    import accelerate
-    import peft
-    import safetensors
-    import tokenizers
-    import torch
-    import transformers
-
-    import cramcl
+    import peft  # only for its version here; seconds to import, so eval, predict and inspect skip it
 
     if accelerator.is_main_process:
         accelerator.init_trackers("cramcl", config={"method": cfg.method, "profile": cfg.profile, "seed": cfg.seed})

@@ -23,7 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+import cramcl.backbones  # build_backbone looked up when called: a test may replace it
 from cramcl.adapters.multi_lora import MultiLoRALinear
+from cramcl.backbones.tiny.saved_base import save_base
+from cramcl.data.stream import load_stream
+from cramcl.engine.saved_config import load_saved_config
 from cramcl.errors import BadInputError
 
 
@@ -39,7 +43,7 @@ def module_paths(root: torch.nn.Module) -> dict[str, str]:
 
 def export_peft(session, task_name: str, out: Path) -> Path:
     """Write the expert that serves ``task_name`` as a PEFT LoRA directory at ``out`` (new or empty)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # seconds to import; only this command needs it
 
     method, names = session.method, session.bench.task_names()
     if task_name not in names:
@@ -82,11 +86,6 @@ def export_base(run_dir: Path, out: Path, log=print) -> Path:
     load it with ``backbone.base_path=OUT`` (backbones/tiny/saved_base.py). The base comes from the cache
     (rebuilt with the run's settings and thread count if the cache was cleared); it must have the base key
     env.json recorded, else nothing is written."""
-    from cramcl.backbones import build_backbone
-    from cramcl.backbones.tiny.saved_base import save_base
-    from cramcl.data.stream import load_stream
-    from cramcl.engine.runner import load_saved_config
-
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInputError(f"{out}: exists and is not an empty directory; choose another OUT")
@@ -102,7 +101,7 @@ def export_base(run_dir: Path, out: Path, log=print) -> Path:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise BadInputError(f"{run_dir / 'env.json'}: missing or damaged; cannot tell which base the run used") from None
     torch.set_num_threads(threads)  # the thread count is part of the base stage's cache key
-    backbone = build_backbone(cfg, load_stream(cfg.data), log=log)
+    backbone = cramcl.backbones.build_backbone(cfg, load_stream(cfg.data), log=log)
     if backbone.base_key != recorded:
         raise BadInputError(f"{run_dir}: the run used base {recorded}, this machine builds {backbone.base_key} "
                             "(another torch version?); nothing was written")

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 from cramcl.data.records import Record, check_image
+from cramcl.engine.session import open_finished_run
 from cramcl.errors import BadInputError
+from cramcl.eval.evaluate import predict
 
 
 def read_questions(path: Path) -> list[Record]:
@@ -61,9 +63,6 @@ def one_question(image: str, question: str) -> list[Record]:
 def predict_run(run_dir: Path, records: list[Record], *, explain: bool = False, after_task: int | None = None,
                 log=lambda *a: None) -> list[dict]:
     """One answer row per record from the run's checkpoint (its last one by default)."""
-    from cramcl.engine.session import open_finished_run
-    from cramcl.eval.evaluate import predict
-
     session, _, _ = open_finished_run(Path(run_dir), after_task, log=log)
     method = session.method
     if method.uses_task_id_at_eval:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cramcl.config import RunConfig, _read_yaml, _split_method, apply_layers, parse_overrides
 from cramcl.errors import BadInputError
+from cramcl.methods.registry import method_config_class
 
 # Settings that only affect how later evaluation batches are cut, how often progress is logged, how often a
 # step checkpoint is written or which processes build the batches: scores already in the matrix stay as they
@@ -38,8 +39,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def asked_config(saved: RunConfig, *, method=None, profile=None, config_file=None, benchmark=None,
                  overrides=()) -> RunConfig:
     """The saved config with the user's ``--resume`` settings applied (unknown keys are errors)."""
-    from cramcl.methods.registry import method_config_class
-
     cfg = copy.deepcopy(saved)
     user = _read_yaml(Path(config_file)) if config_file else {}
     cli = parse_overrides(list(overrides))

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from cramcl.config import RunConfig, config_from_dict
+from cramcl.config import RunConfig
+from cramcl.engine import session as session_module  # open_session looked up when called: a test may replace it
 from cramcl.engine.budget import global_batch, task_steps
 from cramcl.engine.checkpoint import (last_good_checkpoint, remove_orphans, save_checkpoint, write_json_atomic,
                                      write_yaml_atomic)
 from cramcl.engine.env import environment_record
 from cramcl.engine.kill_points import kill_point
+from cramcl.engine.results import matrix_json, write_results
+from cramcl.engine.resume_check import check_resume
+from cramcl.engine.run_record import RunRecord
+from cramcl.engine.saved_config import load_saved_config
 from cramcl.engine.step_checkpoint import read_step_checkpoint, remove_step_checkpoint, save_step_checkpoint
+from cramcl.engine.trainer import train_task
 from cramcl.errors import BadInputError, TrainingFault
+from cramcl.eval.evaluate import predict, score_records, write_jsonl_atomic
 from cramcl.utils.dist import check_identical_across_processes
 
 
@@ -33,8 +40,6 @@ def _task_seed(seed: int, task_index: int) -> int:
 
 def check_output_dir(out: Path) -> None:
     """``out`` must be a directory we can create or write, checked before anything is built or written."""
-    import os
-
     if out.exists() and not out.is_dir():
         raise BadInputError(f"{out}: --out exists and is not a directory")
     probe = out
@@ -48,20 +53,6 @@ def check_output_dir(out: Path) -> None:
         raise BadInputError(f"{out}: a kernel filesystem, not a place for a run directory")
 
 
-def load_saved_config(run_dir: Path) -> RunConfig:
-    """A run directory's ``config.yaml`` (bad input naming the file when it is missing or damaged)."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        raise BadInputError(f"{saved}: not found; --resume needs the directory of an earlier run")
-    try:
-        data = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise BadInputError(f"{saved}: not a readable config ({type(e).__name__}); the run cannot be resumed") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"{saved}: not a cramcl config (expected a mapping)")
-    return config_from_dict(data, str(saved))
-
-
 def prepare_run_dir(cfg: RunConfig | None, out: Path, resume: bool, asked: dict | None = None,
                     force: bool = False) -> RunConfig:
     """Check ``out`` (never overwrite a run without --resume) and return the config to run.
@@ -70,8 +61,6 @@ def prepare_run_dir(cfg: RunConfig | None, out: Path, resume: bool, asked: dict 
     benchmark, overrides): any that would change the saved run is refused (see engine/resume_check.py)."""
     saved = out / "config.yaml"
     if resume:
-        from cramcl.engine.resume_check import check_resume
-
         return check_resume(load_saved_config(out), out, force, **(asked or {}))
     if saved.exists() or (out / "results").exists() or (out / "checkpoints").exists():
         raise BadInputError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
@@ -130,8 +119,6 @@ def evaluate_tasks(session, tasks, pred_dir: Path, after_task: int = 0) -> dict[
     ``train.eval_batches``: ``mixed`` (default) shuffles the union of the tasks' test records with a
     seeded permutation, so batches mix tasks as a deployed model's inputs do, and scores each task
     afterwards; ``per_task`` evaluates one task at a time."""
-    from cramcl.eval.evaluate import predict, score_records, write_jsonl_atomic
-
     stream = session.bench.task_names()
     bs = session.cfg.train.eval_batch_size
     workers = session.loader_workers
@@ -175,14 +162,10 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
                asked: dict | None = None, force: bool = False) -> dict:
     """Run the whole stream; returns the final ``matrix.json`` dict. ``stop_after_task`` (tests) simulates an
     interruption right after that task's checkpoint. ``asked``/``force``: see :func:`prepare_run_dir`."""
-    from cramcl.engine.results import matrix_json, write_results
-    from cramcl.engine.session import open_session, restore_checkpoint
-    from cramcl.engine.trainer import train_task
-
     out = Path(out)
     check_output_dir(out)
     cfg = prepare_run_dir(cfg, out, resume, asked, force)
-    session = open_session(cfg, out, log=log, check_images=cfg.data.validate_images)
+    session = session_module.open_session(cfg, out, log=log, check_images=cfg.data.validate_images)
     bench, accelerator, backbone, method = session.bench, session.accelerator, session.backbone, session.method
     tasks = list(bench.tasks)
     names = [t.name for t in tasks]
@@ -193,9 +176,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         write_yaml_atomic(out / "config.yaml", cfg.to_dict())
         write_json_atomic(out / "env.json", environment_record(cfg, accelerator, backbone, bench))
 
-    state = {"tasks": names, "scores": [[None] * len(tasks) for _ in tasks], "time_train": [None] * len(tasks),
-             "time_eval": [None] * len(tasks), "trainable_per_task": [None] * len(tasks), "global_step": 0,
-             "scorers": {t.name: t.scorer_label for t in tasks}}
+    record = RunRecord.start(tasks)
     start = 0
     ckpt = None
     if resume:
@@ -204,13 +185,13 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
             log(f"removed {len(orphans)} unfinished checkpoint write(s) of the interrupted run: {', '.join(orphans)}")
         ckpt = last_good_checkpoint(out, warn=log)
     if ckpt is not None:
-        done, state = restore_checkpoint(session, ckpt)
-        if state["tasks"] != names:
-            raise BadInputError(f"{ckpt}: checkpoint was made for tasks {state['tasks']}, the stream has {names}")
+        done, record = session_module.restore_checkpoint(session, ckpt)
+        if record.tasks != names:
+            raise BadInputError(f"{ckpt}: checkpoint was made for tasks {record.tasks}, the stream has {names}")
         start = done + 1
         log(f"resuming after task {start - 1} ({names[start - 1]}) from {ckpt}")
 
-    state["global_batch_size"] = global_batch(cfg.train, accelerator.num_processes)  # recorded in metrics.json
+    record.global_batch_size = global_batch(cfg.train, accelerator.num_processes)
     step_resume = None
     if resume and start < len(tasks):
         step_resume = read_step_checkpoint(out, start, warn=log)
@@ -238,7 +219,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         if mid is not None:
             resume_mid_task(method, mid, log, task.name)
         result = train_task(accelerator, backbone, method, records, budget, t,
-                            seed=_task_seed(cfg.seed, t), global_step=state["global_step"], task_name=task.name,
+                            seed=_task_seed(cfg.seed, t), global_step=record.global_step, task_name=task.name,
                             step_checkpoint=step_checkpointer(accelerator, method, out, t, task.name, log),
                             resume=mid, loader_workers=session.loader_workers)
         method.after_task(t)
@@ -246,11 +227,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         if accelerator.num_processes > 1:  # experts, centroids, prototypes must match on every process
             n = check_identical_across_processes(method.state()[0], f"method state after task {t}")
             log(f"    method state identical on {n} processes")
-        state["global_step"] += result.steps
-        state["time_train"][t] = result.seconds
-        state.setdefault("steps_per_task", [None] * len(tasks))[t] = result.steps
-        state["trainable_per_task"][t] = result.trained_params
-        state.setdefault("skipped_steps", [0] * len(tasks))[t] = result.skipped_steps
+        record.record_training(t, result.steps, result.seconds, result.trained_params, result.skipped_steps)
         if result.skipped_steps:
             log(f"    warning: {result.skipped_steps} optimizer step(s) of '{task.name}' skipped for a non-finite "
                 "loss or gradient (train.nonfinite=skip)")
@@ -258,23 +235,23 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         t_eval = time.perf_counter()
         scores = evaluate_tasks(session, tasks[: t + 1], out / "results" / "predictions" / f"after_{t}", t)
         for i in range(t + 1):
-            state["scores"][t][i] = scores[names[i]]
-        state["time_eval"][t] = time.perf_counter() - t_eval
-        row = ", ".join(f"{names[i]} {state['scores'][t][i]:.1f}" for i in range(t + 1))
-        log(f"    after '{task.name}': {row}  (train {result.seconds:.1f}s, eval {state['time_eval'][t]:.1f}s)")
+            record.scores[t][i] = scores[names[i]]
+        record.time_eval[t] = time.perf_counter() - t_eval
+        row = ", ".join(f"{names[i]} {record.scores[t][i]:.1f}" for i in range(t + 1))
+        log(f"    after '{task.name}': {row}  (train {result.seconds:.1f}s, eval {record.time_eval[t]:.1f}s)")
 
         if accelerator.is_main_process:
             tensors, meta = method.state()
-            save_checkpoint(out, t, tensors, meta, state)
+            save_checkpoint(out, t, tensors, meta, record.to_json())
             remove_step_checkpoint(out)  # the task's own checkpoint supersedes it
             kill_point("checkpoint_done")
-            write_results(out, cfg, method, state, partial=t + 1 < len(tasks), seen_tasks=tasks[: t + 1])
+            write_results(out, cfg, method, record, partial=t + 1 < len(tasks), seen_tasks=tasks[: t + 1])
         accelerator.wait_for_everyone()
         if stop_after_task is not None and t == stop_after_task:
             accelerator.end_training()
-            return matrix_json(cfg, state)
+            return matrix_json(cfg, record)
 
     if start >= len(tasks) and accelerator.is_main_process:
-        write_results(out, cfg, method, state, partial=False, seen_tasks=tasks)  # a resume of a finished run: refresh outputs
+        write_results(out, cfg, method, record, partial=False, seen_tasks=tasks)  # a resume of a finished run: refresh outputs
     accelerator.end_training()
-    return matrix_json(cfg, state)
+    return matrix_json(cfg, record)

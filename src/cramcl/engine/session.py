@@ -2,14 +2,24 @@
 ``cramcl run``, ``cramcl eval`` and ``cramcl inspect``."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import cramcl.backbones  # build_backbone looked up when called: a test may replace it
 from cramcl.config import RunConfig
+from cramcl.data.stream import check_stream_images, load_stream
 from cramcl.engine.checkpoint import last_good_checkpoint, load_checkpoint
+from cramcl.engine.env import make_accelerator
+from cramcl.engine.loader import resolve_workers
+from cramcl.engine.run_record import RunRecord
+from cramcl.engine.saved_config import load_saved_config
 from cramcl.errors import BadInputError
+from cramcl.methods.base import Services
+from cramcl.methods.registry import build_method
+from cramcl.utils.progress import set_interval
 
 
 @dataclass
@@ -23,10 +33,6 @@ class Session:
     @property
     def loader_workers(self) -> int:
         """``train.loader_workers`` resolved for this backbone and this machine's CPUs per local process."""
-        import os
-
-        from cramcl.engine.loader import resolve_workers
-
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         return resolve_workers(self.cfg.train.loader_workers, self.backbone, local)
 
@@ -34,14 +40,6 @@ class Session:
 def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = False) -> Session:
     """``check_images``: decode every image of the stream first (``cramcl run``, unless data.validate_images
     is off), so a bad one is reported before anything trains."""
-    from cramcl.backbones import build_backbone
-    from cramcl.data.stream import check_stream_images, load_stream
-    from cramcl.engine.env import make_accelerator
-    from cramcl.methods.base import Services
-    from cramcl.methods.registry import build_method
-
-    from cramcl.utils.progress import set_interval
-
     set_interval(cfg.train.progress_seconds)
     bench = load_stream(cfg.data)
     if check_images:
@@ -49,7 +47,7 @@ def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = Fals
     accelerator = make_accelerator(cfg, out)
     torch.manual_seed(cfg.seed)
     with accelerator.main_process_first():  # one process trains/caches the base stage, the others load it
-        backbone = build_backbone(cfg, bench, log=log)
+        backbone = cramcl.backbones.build_backbone(cfg, bench, log=log)
     torch.manual_seed(cfg.seed)  # the method's fresh weights never depend on whether the base stage was cached
     method = build_method(cfg.method, cfg.method_args)
     method.setup(Services(backbone=backbone, run_config=cfg, log=log))
@@ -57,11 +55,9 @@ def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = Fals
     return Session(cfg, bench, accelerator, backbone, method)
 
 
-def open_finished_run(run_dir: Path, after_task: int | None = None, log=print) -> tuple[Session, int, dict]:
+def open_finished_run(run_dir: Path, after_task: int | None = None, log=print) -> tuple[Session, int, RunRecord]:
     """A session with the method state of ``checkpoints/task_<after_task>`` (default: the last one)."""
     run_dir = Path(run_dir)
-    from cramcl.engine.runner import load_saved_config
-
     if not (run_dir / "config.yaml").exists():
         raise BadInputError(f"{run_dir / 'config.yaml'}: not found; --run must be the directory of a cramcl run")
     cfg = load_saved_config(run_dir)
@@ -72,9 +68,9 @@ def open_finished_run(run_dir: Path, after_task: int | None = None, log=print) -
     return session, *restore_checkpoint(session, ckpt)
 
 
-def restore_checkpoint(session: Session, ckpt: Path) -> tuple[int, dict]:
-    """Load ``checkpoints/task_<t>`` into the session's method; returns (t, the runner state saved with it)."""
-    tensors, meta, state = load_checkpoint(ckpt)
+def restore_checkpoint(session: Session, ckpt: Path) -> tuple[int, RunRecord]:
+    """Load ``checkpoints/task_<t>`` into the session's method; returns (t, the run's record saved with it)."""
+    tensors, meta, record = load_checkpoint(ckpt)
     session.method.load_state(tensors, meta)
     session.backbone.model.to(session.accelerator.device)
-    return int(ckpt.name.split("_")[1]), state
+    return int(ckpt.name.split("_")[1]), RunRecord.from_json(record)

@@ -8,12 +8,16 @@ says how many seeds it rests on.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 from cramcl.engine.checkpoint import write_json_atomic
+from cramcl.engine.runner import run_stream
+from cramcl.engine.saved_config import load_saved_config
 from cramcl.errors import BadInputError
+from cramcl.report.compare_plots import plot_final_rows
 
 METRICS = ("MFT", "MFN", "MAA", "BWT", "forgetting")
 
@@ -103,8 +107,6 @@ def format_summary(summary: dict, title: str) -> str:
 
 
 def write_seed_summary(out: Path, runs: dict[int, Path], title: str) -> dict:
-    from cramcl.report.compare_plots import plot_final_rows
-
     summary = summarise_runs(runs)
     write_json_atomic(Path(out) / "summary.json", summary)
     row = {"method": title, "final_row": [s["mean"] for s in summary["final_row"].values()],
@@ -120,17 +122,11 @@ def run_seeds(cfg, out: Path, seeds: list[int], *, resume: bool = False, log=pri
 
     Without ``resume`` every seed directory must be new (as for a single run); with it, each seed's run
     continues (a finished one is left as it is, one never started begins from another seed's saved config)."""
-    import dataclasses
-
-    from cramcl.engine.runner import run_stream
-
     out = Path(out)
     if resume:
         saved = [seed_dir(out, s) / "config.yaml" for s in seeds if (seed_dir(out, s) / "config.yaml").exists()]
         if not saved:
             raise BadInputError(f"{out}: no seed_<s>/config.yaml for seeds {seeds}; --resume needs an earlier run")
-        from cramcl.engine.runner import load_saved_config
-
         cfg = load_saved_config(saved[0].parent)
     runs = {}
     for seed in seeds:

@@ -1,7 +1,12 @@
 """`cramcl inspect`: adapted modules, parameter counts and a method's routing state, as text."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+
+from cramcl.config import resolve_config
+from cramcl.engine.session import open_finished_run, open_session
+from cramcl.errors import BadInputError
 
 
 def _modules_table(method) -> str:
@@ -19,11 +24,6 @@ def _counts(method) -> str:
 
 def inspect_config(config_file: str | None, overrides: list[str], method: str | None = None,
                    profile: str | None = None) -> str:
-    import tempfile
-
-    from cramcl.config import resolve_config
-    from cramcl.engine.session import open_session
-
     cfg = resolve_config(method=method, profile=profile, config_file=config_file, overrides=overrides)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,13 +33,10 @@ def inspect_config(config_file: str | None, overrides: list[str], method: str | 
 
 
 def inspect_run(run_dir: Path, record_id: str | None = None) -> str:
-    from cramcl.engine.session import open_finished_run
-    from cramcl.errors import BadInputError
-
-    session, after, state = open_finished_run(run_dir, log=lambda *a: None)
+    session, after, record = open_finished_run(run_dir, log=lambda *a: None)
     m = session.method
     parts = [f"run: {run_dir}  method: {session.cfg.method}  checkpoint: after task {after} "
-             f"({state['tasks'][after]})", _counts(m)]
+             f"({record.tasks[after]})", _counts(m)]
     parts += [f"## {title}\n{body}" for title, body in m.report_sections()]
     if record_id is not None:
         found = [(t, r) for t in session.bench.tasks for r in t.test if r.id == record_id]
