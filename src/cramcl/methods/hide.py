@@ -45,9 +45,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
 from torch import Tensor, nn
 
-from cramcl.encoders import RoutingEncoderConfig
+from cramcl.encoders import RoutingEncoderConfig, RoutingEncoders
 from cramcl.errors import BadInputError
 from cramcl.methods.base import Services
 from cramcl.methods.hide_fusion import FUSIONS, anchor_routing_weights, merged_factors
@@ -117,8 +118,6 @@ class HiDe(PerTaskLora):
     def encoders(self):
         """The run's RoutingEncoders, built on first use (tests may hand in their own via Services)."""
         if self.services.encoders is None:
-            from cramcl.encoders import RoutingEncoders
-
             self.services.encoders = RoutingEncoders.from_config(self.services.backbone, self.cfg)
         return self.services.encoders
 
@@ -141,8 +140,6 @@ class HiDe(PerTaskLora):
     @torch.no_grad()
     def task_anchors(self, records: list) -> tuple[Tensor, Tensor]:
         """(D_q,), (D_t,): mean image and text embeddings of ``records`` (sharded over processes, summed)."""
-        from accelerate import PartialState
-
         if self.cfg.anchor_max_records is not None:
             records = records[: self.cfg.anchor_max_records]
         if not records:

@@ -43,15 +43,18 @@ Where we differ from the source:
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
 from torch import Tensor, nn
 
-from cramcl.errors import BadInputError
+from cramcl.engine.trainer import global_batches, lr_factor
+from cramcl.errors import BadInputError, TrainingFault
 from cramcl.methods.base import Phase, Services, freeze_all_experts, lora_params
-from cramcl.methods.routing_cl_gates import sigmoid_gate_weights, token_topk_routing
 from cramcl.methods.lora_ft import LoraFTConfig
+from cramcl.methods.routing_cl_gates import sigmoid_gate_weights, token_topk_routing
 from cramcl.methods.per_task import PerTaskLora
 from cramcl.utils.dist import all_reduce_sum
 
@@ -197,12 +200,6 @@ class RoutingCL(PerTaskLora):
         ``gate["accum"]`` micro-batches of ``train.batch_size`` records per process, lr ``gate["lr"]`` constant
         after a linear warm-up (``train.warmup_ratio``); gradients averaged over processes. Returns (and logs in
         ``gate_log``) the budget as it ran."""
-        import random
-
-        from accelerate import PartialState
-
-        from cramcl.engine.trainer import global_batches, lr_factor
-        from cramcl.errors import TrainingFault
 
         train = self.services.run_config.train
         backbone, model = self.services.backbone, self.services.backbone.model
