@@ -200,7 +200,6 @@ class RoutingCL(PerTaskLora):
         ``gate["accum"]`` micro-batches of ``train.batch_size`` records per process, lr ``gate["lr"]`` constant
         after a linear warm-up (``train.warmup_ratio``); gradients averaged over processes. Returns (and logs in
         ``gate_log``) the budget as it ran."""
-
         train = self.services.run_config.train
         backbone, model = self.services.backbone, self.services.backbone.model
         state = PartialState()
