@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from cramcl.utils.dtypes import at_least_float32
+from cramcl.utils.threads import lapack_on_one_thread
 
 _EPS = 1e-12
 
@@ -40,6 +41,7 @@ def buffer_update_svd(B_buf: Tensor, A_buf: Tensor, scale: float) -> tuple[Tenso
 
 
 # ------------------------------------------------------------------------------------------- history
+@lapack_on_one_thread  # its SVD feeds a rank and a penalty basis: the same bits at any thread count
 def history_basis(As: list[Tensor], tol: float = 1e-6, *, dim: int | None = None) -> Tensor:
     """Orthonormal basis of the union of the row spaces of the A's.
 
@@ -161,6 +163,7 @@ class ConsolidationResult:
     n_replaced: int = 0  # kept directions that lay inside span(Q) and were replaced (see _project_off)
 
 
+@lapack_on_one_thread  # a rank is a threshold on singular values: the same bits at any thread count
 def consolidate_buffer(B_buf: Tensor, A_buf: Tensor, scale: float, history_As: list[Tensor], *,
                        tau_alloc: float = 0.08, tau_novel: float = 0.99, r_min: int = 4,
                        r_max: int = 9, fixed_rank: int | None = None,
