@@ -77,7 +77,7 @@ def test_checkpoints_carry_a_manifest_that_detects_damage(finished_run, tmp_path
     out = _copy(finished_run, tmp_path)
     ckpt = out / "checkpoints" / "task_2"
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"method.safetensors", "method.json", "runner.json"}
+    assert set(manifest["files"]) == {"method.safetensors", "method.json", "runner.json", "settings.json"}
     assert checkpoint_problem(ckpt) is None
     data = (ckpt / "method.safetensors").read_bytes()
     (ckpt / "method.safetensors").write_bytes(data[: len(data) // 2])

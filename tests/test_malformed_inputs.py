@@ -120,6 +120,9 @@ BENCHMARKS = {
     "task_name_not_path_safe.yaml": "task 0: 'name' must be a non-empty string of letters, digits",
     "invalid_yaml.yaml": "invalid YAML",
     "not_a_mapping.yaml": "expected a mapping with keys name, image_root, tasks, pretrain",
+    "alias_bomb.yaml": "line 7: more than 100,000 values once its aliases are expanded (an alias bomb?)",
+    "duplicate_key.yaml": "line 6: duplicate key 'tasks' (first at line 4)",
+    "task_name_too_long.yaml": "task 0: 'name' is 300 characters, more than 100 (task names become file names)",
 }
 
 # --config file -> words of its one-line message (after "<file>: ")
@@ -134,6 +137,10 @@ SETTINGS = {
     "unknown_method.yaml": "method: unknown method 'nosuchmethod'",
     "lora_rank_zero.yaml": "method.rank: 0 must be >= 1",
     "unknown_scheduler.yaml": "train.scheduler: 'linear' is not one of cosine, constant",
+    "duplicate_key.yaml": "line 4: duplicate key 'lr' (first at line 3)",
+    "alias_bomb.yaml": "more than 100,000 values once its aliases are expanded",
+    "seed_too_large.yaml": "seed: 123456789012345678901 must be <= 2,147,483,647",
+    "image_size_huge.yaml": "backbone.image_size: 100000 must be <= 1,024",
 }
 
 # run directory given to `run --resume` and `eval` -> words of the message (after "<dir>/<file>: ")
@@ -144,6 +151,7 @@ RUN_DIRS = {
     "config_unknown_key": ("config.yaml", "unknown key 'trian' (did you mean 'train'?)"),
     "config_out_of_range": ("config.yaml", "train.steps_per_task: -3 must be >= 1"),
     "config_missing": ("config.yaml", "not found"),
+    "config_duplicate_key": ("config.yaml", "line 6: duplicate key 'lr' (first at line 5)"),
 }
 
 # command line (one line; {out} is the run directory) -> words of the message
@@ -153,6 +161,13 @@ ARGUMENTS = {
     "seeds_not_numbers.args": "--seeds: 'x' is not a non-negative integer",
     "unknown_task.args": "data.tasks: unknown task 'nosuch'",
     "unknown_method.args": "--method: unknown method 'nosuchmethod'",
+    "seeds_superscript.args": "--seeds: '²' is not a non-negative integer",
+    "seeds_too_large.args": "--seeds: 123456789012345678901 is too large (a seed is in [0, 2147483647])",
+    "seeds_empty.args": "--seeds: give at least one seed",
+    "tasks_out_of_order.args": "data.tasks: colour,shape is not in the order of the stream",
+    "base_steps_zero.args": "command line: backbone.base_steps: 0 must be >= 1",
+    "batch_size_huge.args": "command line: train.batch_size: 1000000 must be <= 4,096",
+    "image_size_huge.args": "command line: backbone.image_size: 100000 must be <= 1,024",
 }
 
 QUICK_RUN = ["--profile", "quick", "--method", "lora-ft"]
@@ -267,15 +282,11 @@ def test_resume_and_eval_refuse_a_damaged_run_directory_and_leave_it_untouched(n
 
 
 def test_eval_of_a_run_whose_only_checkpoint_is_damaged_names_it_and_touches_nothing(tmp_path, capsys, no_model):
-    from cramcl.cli import main
-
     run = tmp_path / "run"
     shutil.copytree(MALFORMED / "run_dirs" / "checkpoint_damaged", run)
     before = _tree(run)
-    assert main(["eval", "--run", str(run)]) == 2
-    captured = capsys.readouterr()
-    assert "checkpoint task_0 is not usable" in captured.out and "method.safetensors: 17 bytes, the manifest says 40960 (truncated" in captured.out
-    assert f"cramcl: error: {run}: no checkpoint for task (any)" in captured.err
+    _refused(["eval", "--run", run], capsys, f"{run / 'checkpoints' / 'task_0' / 'method.safetensors'}: 17 bytes, "
+             "the manifest says 40960 (truncated", "checkpoint task_0 is damaged", "no earlier checkpoint is usable")
     _refused(["eval", "--run", run, "--after-task", "3"], capsys, f"{run}: no checkpoint for task 3")
     assert _tree(run) == before
 

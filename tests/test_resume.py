@@ -108,7 +108,7 @@ def test_checkpoints_are_safetensors_and_json_only(finished_run):
     for t in range(3):
         ckpt = root / f"task_{t}"
         assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "method.json", "method.safetensors",
-                                                          "runner.json"]
+                                                          "runner.json", "settings.json"]
         tensors = load_file(str(ckpt / "method.safetensors"))
         assert len(tensors) == 4 * 4 * 2  # layers x projections x (A, B)
         assert tensors["layers.3.o_proj.expert.0.A"].shape == (8, 256)

@@ -20,6 +20,7 @@ from cramcl.engine.compare import run_compare
 from cramcl.engine.export import export_peft
 from cramcl.engine.multi_seed import run_seeds
 from cramcl.engine.predict import one_question, predict_run
+from cramcl.engine.run_lock import reader_note
 from cramcl.engine.runner import run_stream
 from cramcl.engine.session import open_finished_run
 from cramcl.errors import BadInputError
@@ -66,6 +67,12 @@ class FinishedRun:
     def matrix(self) -> dict:
         """results/matrix.json: {"method", "tasks", "scores"[t][i], "scorers"}."""
         return json.loads((self.path / "results" / "matrix.json").read_text())
+
+    @property
+    def in_progress(self) -> str | None:
+        """One line naming the run that still writes this directory (what is read here is then its finished
+        task checkpoints, the last one by default); None when no writer holds it."""
+        return reader_note(self.path)
 
     @property
     def metrics(self) -> dict:

@@ -7,7 +7,9 @@ mistyped argument should not wait for.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import re
 import signal
 import sys
@@ -118,7 +120,7 @@ def _cmd_run(args) -> int:
         out = Path(args.out)
     else:
         out = Path(f"runs/{method_label(cfg.method)}-{cfg.profile}")
-    if args.seeds:
+    if args.seeds is not None:  # `--seeds ''` is refused, never read as no seeds
         from cramcl.engine.multi_seed import parse_seeds, run_seeds
 
         summary = run_seeds(cfg, out, parse_seeds(args.seeds), resume=args.resume, asked=asked, force=args.force)
@@ -137,7 +139,7 @@ def _cmd_compare(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out or "runs/compare")
-    seeds = parse_seeds(args.seeds) if args.seeds else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     run_compare(methods, out, profile=args.profile, config_file=args.config, benchmark=args.benchmark,
                 overrides=args.overrides, seeds=seeds)
     print(f"done: {out}/compare.md")
@@ -162,7 +164,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_metrics(args) -> int:
-    from cramcl.eval.matrix_io import read_matrix
+    from cramcl.eval.matrix_io import read_json_object, read_matrix
     from cramcl.eval.metrics import continual_metrics, json_safe
     from cramcl.report.report import format_metrics
 
@@ -171,13 +173,7 @@ def _cmd_metrics(args) -> int:
     metrics = json_safe(continual_metrics(scores))
     full = path.parent / "metrics.json"
     if full.exists():  # keep parameter counts and times when they are there
-        try:
-            extra = json.loads(full.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInputError(f"{full}: invalid JSON ({type(e).__name__}: {e})") from None
-        if not isinstance(extra, dict):
-            raise BadInputError(f"{full}: not a metrics.json (expected an object)")
-        metrics = {**extra, **metrics}
+        metrics = {**read_json_object(full, "metrics.json"), **metrics}
     print(format_metrics(metrics, args.format))
     return 0
 
@@ -207,10 +203,17 @@ def _cmd_inspect(args) -> int:
 def _cmd_predict(args) -> int:
     from cramcl.engine.predict import one_question, predict_run, read_questions
 
-    if bool(args.records) == bool(args.image or args.question):
+    one = args.image is not None or args.question is not None  # an empty --question is named below, not missing
+    if (args.records is not None) == one:
         raise BadInputError("predict: give either --image and --question, or --records FILE.jsonl")
-    if not args.records and not (args.image and args.question):
+    if not args.records and (args.image is None or args.question is None):
         raise BadInputError("predict: --image and --question go together")
+    if args.out is not None:  # before the model is loaded: the answers need a file name
+        answers = Path(args.out)
+        if answers.is_dir():
+            raise BadInputError(f"--out {answers}: is a directory; give the name of a file for the answers (JSONL)")
+        if answers.parent.exists() and not answers.parent.is_dir():
+            raise BadInputError(f"--out {answers}: {answers.parent} is not a directory")
     records = read_questions(Path(args.records)) if args.records else one_question(args.image, args.question)
     rows = predict_run(Path(args.run), records, explain=args.explain, after_task=args.after_task)
     if args.out:
@@ -301,8 +304,62 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+READERS = ("eval", "predict", "inspect", "export")
+
+
+def _note_run_in_progress(args) -> None:
+    """A reader of a run that a writer still holds says so on stderr; it reads the finished task checkpoints
+    (engine/run_lock.py), and never locks, so it cannot block or refuse the writer."""
+    if args.command in READERS and getattr(args, "run", None):
+        from cramcl.engine.run_lock import reader_note
+
+        note = reader_note(Path(args.run))
+        if note:
+            print(f"cramcl: note: {note}", file=sys.stderr)
+
+
+#: errors of the disk or filesystem, not of the program: one line naming the file, never a traceback
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: itself, one it was raised from, or a library's wrapper that names only the
+    error number (safetensors: "... (os error 28)")."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        number = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        if number:
+            code = int(number.group(1))
+            return OSError(code, os.strerror(code))
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _environment_fault(args, error: BaseException) -> str | None:
+    """One line for an OSError the machine caused (a full disk, a run directory removed while a run writes
+    in it), or None for any other (an internal error, reported with its traceback)."""
+    e = _os_error(error)
+    if e is None:
+        return None
+    where = os.fsdecode(e.filename) if e.filename else ""
+    where = where or ((getattr(args, "out", None) or "") if args.command in ("run", "compare") else "")
+    what = f"{where}: {e.strerror or e} [errno {e.errno}]" if where else f"{e.strerror or e} [errno {e.errno}]"
+    if e.errno in _DISK_ERRNOS:
+        return f"{what}; free space (or fix the disk), then {_resume_hint(args)}"
+    out = getattr(args, "out", None) if args.command in ("run", "compare") else None
+    # a file of the run's own directory vanished under it: the directory (or part of it) was removed or moved
+    if out and where and e.errno in (errno.ENOENT, errno.ENOTDIR) \
+            and Path(os.path.abspath(where)).is_relative_to(os.path.abspath(out)):
+        return f"{what}; the run directory {out} (or part of it) was removed or moved while the run wrote to it"
+    return None
+
+
 def _dispatch(args) -> int:
     try:
+        _note_run_in_progress(args)
         return COMMANDS[args.command](args)
     except BadInputError as e:
         for problem in e.problems:
@@ -324,6 +381,10 @@ def _dispatch(args) -> int:
         if _raised_by(e, _Terminated):  # SIGTERM inside an import or callback that wrapped it (ImportError ...)
             print(f"cramcl: terminated (SIGTERM); {_resume_hint(args)}", file=sys.stderr)
             return 143
+        fault = _environment_fault(args, e)
+        if fault is not None:
+            print(f"cramcl: fault: {fault}", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print("cramcl: internal error (exit 1); please report it with the traceback above", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ import yaml
 from cramcl.config_checks import check_choices
 from cramcl.errors import BadInputError
 from cramcl.methods.registry import is_builtin, method_config_class, normalize_method_name
+from cramcl.safe_yaml import YAMLRefused, load_yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROFILES = ("quick", "default", "paper")  # paper: the CRAM paper's training protocol for real models
@@ -207,7 +208,9 @@ def update_dataclass(obj: Any, values: dict, where: str, _prefix: str = "") -> N
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except YAMLRefused as e:
+        raise BadInputError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise BadInputError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -234,7 +237,9 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise BadInputError(f"command line: '{pair}' is not KEY=VALUE")
         key, raw = pair.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
+        except YAMLRefused as e:
+            raise BadInputError(f"command line: {key}: {e}") from None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -325,6 +330,8 @@ def apply_layers(cfg: RunConfig, method_cfg, layers: list[tuple[str, dict, dict]
     for where, run_values, method_values in layers:
         run_values = {k: v for k, v in run_values.items() if k not in ("profile", "method_overrides")}
         for section, values in run_values.items():
+            if not isinstance(values, dict):  # a top-level setting (seed)
+                origins[section] = where
             for key in (values if isinstance(values, dict) else {}):
                 origins[f"{section}.{key}"] = where
         for key in method_values:

@@ -23,11 +23,35 @@ RANGES = {("train", "steps_per_task"): (1, None), ("train", "epochs_per_task"): 
           ("train", "progress_seconds"): (0, None, False), ("train", "step_checkpoint_every"): (0, None),
           ("data", "builtin_n_train"): (1, None), ("data", "builtin_n_test"): (1, None), ("data", "builtin_seed"): (0, None),
           ("data", "max_train_per_task"): (1, None), ("data", "max_test_per_task"): (1, None),
-          ("backbone", "base_steps"): (0, None), ("backbone", "base_batch_size"): (1, None),
+          # base_steps >= 1: the base stage's schedule divides by it, and an untrained base answers nothing
+          ("backbone", "base_steps"): (1, None), ("backbone", "base_batch_size"): (1, None),
           ("backbone", "base_lr"): (0, None, False), ("backbone", "max_new_tokens"): (1, None),
           ("backbone", "image_size"): (16, None), ("backbone", "max_length"): (8, None), ("backbone", "base_seed"): (0, None),
+          ("backbone", "hidden_size"): (8, None), ("backbone", "num_layers"): (1, None), ("backbone", "num_heads"): (1, None),
+          ("backbone", "intermediate_size"): (1, None),
           ("backbone", "base_first_steps"): (0, None), ("backbone", "base_first_lr"): (0, None, False),
           ("backbone", "base_first_warmup"): (0, None)}
+
+#: every RNG a run seeds takes it (NumPy's needs < 2**32), and seed * 1000 + task index stays in 64 bits
+MAX_SEED = 2**31 - 1
+_SEED = "every RNG a run seeds must take it"
+_BATCH = "per device: more samples than any accelerator's memory holds for a multimodal model"
+_STEPS = "steps of one stage: a year at several steps a second"
+_TINY = "the tiny model's sizes: far beyond what it is for, yet buildable on a CPU"
+# (section or None for top level, key) -> (the largest value no real use exceeds, why): a larger one is a typo
+# that would otherwise run out of memory or time deep inside a run instead of being named here
+CAPS = {(None, "seed"): (MAX_SEED, _SEED), ("data", "builtin_seed"): (MAX_SEED, _SEED),
+        ("backbone", "base_seed"): (MAX_SEED, _SEED),
+        ("train", "batch_size"): (4096, _BATCH), ("train", "eval_batch_size"): (4096, _BATCH),
+        ("backbone", "base_batch_size"): (4096, _BATCH), ("train", "grad_accum"): (4096, "micro-batches per step"),
+        ("train", "steps_per_task"): (10_000_000, _STEPS), ("backbone", "base_steps"): (10_000_000, _STEPS),
+        ("backbone", "base_first_steps"): (10_000_000, _STEPS), ("backbone", "base_first_warmup"): (10_000_000, _STEPS),
+        ("data", "builtin_n_train"): (100_000, "records per task, generated into the cache as images"),
+        ("data", "builtin_n_test"): (100_000, "records per task, generated into the cache as images"),
+        ("backbone", "image_size"): (1024, "the tiny backbone's EfficientNet gives (image_size / 32)**2 image tokens"),
+        ("backbone", "max_new_tokens"): (4096, "tokens of one answer"),
+        ("backbone", "hidden_size"): (8192, _TINY), ("backbone", "num_layers"): (64, _TINY),
+        ("backbone", "num_heads"): (128, _TINY), ("backbone", "intermediate_size"): (65536, _TINY)}
 
 
 def _out_of_range(value, bounds) -> bool:
@@ -66,6 +90,17 @@ def check_choices(cfg, where: str, origins: dict[str, str] | None = None) -> Non
             strict = len(bounds) == 3 and not bounds[2]
             want = (f"> {lo}" if strict else f">= {lo}") if hi is None else f"in [{lo}, {hi}]"
             problems.append(f"{at(f'{section}.{key}')}: {section}.{key}: {value!r} must be {want}")
+    if isinstance(cfg.seed, int) and cfg.seed < 0:
+        problems.append(f"{at('seed')}: seed: {cfg.seed} must be >= 0")
+    for (section, key), (cap, why) in CAPS.items():
+        value = getattr(getattr(cfg, section) if section else cfg, key)
+        name = f"{section}.{key}" if section else key
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
+            problems.append(f"{at(name)}: {name}: {value!r} must be <= {cap:,} ({why})")
+    heads, hidden = cfg.backbone.num_heads, cfg.backbone.hidden_size
+    if cfg.backbone.name == "tiny" and isinstance(heads, int) and heads >= 1 and hidden % heads:
+        problems.append(f"{at('backbone.hidden_size')}: backbone.hidden_size: {hidden} is not a multiple of "
+                        f"backbone.num_heads ({heads})")
     problems += [f"{where}: {p}" for p in budget_problems(cfg.train)]
     method_cfg = method_config_class(cfg.method)(**cfg.method_args)
     # every class of the method's config checks its own fields (a subclass's problems() need not call super)

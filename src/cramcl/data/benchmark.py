@@ -30,11 +30,15 @@ import yaml
 from cramcl.data.records import Record, read_records
 from cramcl.errors import BadInputError
 from cramcl.eval.scorers import check_reference, resolve_scorer, scorer_label
+from cramcl.safe_yaml import YAMLRefused, load_yaml
 
 TOP_KEYS = ("name", "image_root", "tasks", "pretrain", "pretrain_first")
 TASK_KEYS = ("name", "train", "test", "scorer")
 # Task names end up in file names (predictions/after_<t>/<task>.jsonl), so keep them path-safe.
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: a task name becomes a file name with a suffix, and filesystems cap names at 255 bytes; 100 leaves room for
+#: any suffix and is far longer than a name one reads in a results table
+MAX_TASK_NAME = 100
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,9 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInputError([f"{path}: cannot read: {exc}"]) from None
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
+    except YAMLRefused as exc:
+        raise BadInputError([f"{path}: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark is not None else ""
@@ -129,6 +135,9 @@ def _check_task(yaml_path: Path, index: int, raw: Any, seen: dict[str, int]) -> 
     if not isinstance(name, str) or not _TASK_NAME.match(name):
         problems.append(f"{where}: 'name' must be a non-empty string of letters, digits, '_', '-', '.'"
                         f" (got {name!r})")
+    elif len(name) > MAX_TASK_NAME:
+        problems.append(f"{where}: 'name' is {len(name)} characters, more than {MAX_TASK_NAME} (task names become "
+                        f"file names): '{name[:40]}...'")
     else:
         where = f"{yaml_path}: task '{name}'"
         if name in seen:

@@ -18,6 +18,7 @@ position of the record in the file (JSONL: among its non-blank lines).
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
 from dataclasses import dataclass
@@ -44,6 +45,25 @@ class Record:
     question: str
     answer: str
     answers: tuple[str, ...] = ()
+
+
+def path_problem(exc: Exception) -> str:
+    """Why resolving or opening a path failed, in a few words (a symlink loop raises RuntimeError)."""
+    if isinstance(exc, RuntimeError) or (isinstance(exc, OSError) and exc.errno == errno.ELOOP):
+        return "a symlink loop"
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def resolve_file(path: Path) -> tuple[Path | None, str | None]:
+    """``(resolved path, None)`` for an existing file, else ``(None, why)``: not found, a symlink loop, a name
+    the filesystem refuses."""
+    try:
+        resolved = Path(path).expanduser().resolve()
+        if resolved.is_file():
+            return resolved, None
+    except (ValueError, OSError, RuntimeError) as exc:
+        return None, path_problem(exc)
+    return None, "not found"
 
 
 def check_image(path: Path) -> str | None:
@@ -146,11 +166,10 @@ def _parse_record(obj: Any, image_root: Path) -> tuple[dict, list[str]]:
         try:
             resolved = (image_root / image).resolve()
             is_file = resolved.is_file()
-        except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the filesystem, ...
+        except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a name too long, a symlink loop, ...
             resolved, is_file = None, False
             shown = repr(image) if len(image) <= 80 else f"{image[:60]!r}... ({len(image)} characters)"
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            reasons.append(f"image path {shown} is not a usable file name ({why})")
+            reasons.append(f"image path {shown} is not a usable file name ({path_problem(exc)})")
         if resolved is None:
             pass
         elif not resolved.is_relative_to(image_root):

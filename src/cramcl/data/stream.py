@@ -28,6 +28,13 @@ def load_stream(cfg: DataConfig) -> Benchmark:
         if unknown:
             raise BadInputError([f"data.tasks: unknown task '{t}' in {path} (tasks: {', '.join(names)})"
                                  for t in unknown])
+        repeated = sorted({t for t in cfg.tasks if cfg.tasks.count(t) > 1})
+        if repeated:
+            raise BadInputError(f"data.tasks: task '{repeated[0]}' is listed more than once")
+        in_stream_order = [t for t in names if t in cfg.tasks]
+        if list(cfg.tasks) != in_stream_order:  # the stream's order is the experiment: never silently reordered
+            raise BadInputError(f"data.tasks: {','.join(cfg.tasks)} is not in the order of the stream {path}; a "
+                                f"subset trains in the stream's order: data.tasks={','.join(in_stream_order)}")
         bench = dataclasses.replace(bench, tasks=tuple(t for t in bench.tasks if t.name in cfg.tasks))
     return bench
 

@@ -5,16 +5,18 @@ is resumed. Then ``compare.json``, ``compare.md`` and three plots summarise them
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 from pathlib import Path
 
 from cramcl.config import resolve_config
 from cramcl.engine.checkpoint import write_json_atomic
 from cramcl.engine.multi_seed import seed_dir, write_seed_summary
-from cramcl.engine.runner import run_stream
+from cramcl.engine.run_lock import hold_run_lock
+from cramcl.engine.runner import check_output_dir, run_stream
 from cramcl.errors import BadInputError
-from cramcl.methods.registry import method_label
+from cramcl.eval.matrix_io import read_json_object
+from cramcl.methods.registry import is_builtin, method_label
 from cramcl.report.compare_plots import plot_final_rows, plot_heatmap_grid, plot_mfn_vs_params
 
 COLUMNS = ("MFT", "MFN", "MAA", "BWT", "forgetting")
@@ -24,7 +26,17 @@ OLD_DATA_METHODS = ("replay", "mtl")  # train on earlier tasks' records (mtl: al
 def run_finished(run: Path) -> bool:
     """Whether the run directory holds a finished run (its metrics.json says ``complete``)."""
     metrics = run / "results" / "metrics.json"
-    return metrics.exists() and json.loads(metrics.read_text()).get("complete", False)
+    return metrics.exists() and _read_results(metrics).get("complete", False)
+
+
+def _read_results(path: Path) -> dict:
+    """A run's matrix.json or metrics.json; one cut off or damaged is bad input naming it (a resume of the
+    run writes its results again)."""
+    try:
+        return read_json_object(path, path.name)
+    except BadInputError as e:
+        run = path.parent.parent
+        raise BadInputError(f"{e.problems[0]}; rewrite it with: cramcl run --resume --out {run}") from None
 
 
 def run_or_resume(cfg, run: Path, label: str, log=print) -> None:
@@ -43,8 +55,14 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     parts = spec.split(":")
     first_setting = next((i for i, p in enumerate(parts) if "=" in p), len(parts))
     name, pairs = ":".join(parts[:first_setting]), parts[first_setting:]  # a user's file.py:Class keeps its ':'
+    if is_builtin(parts[0]) and len(parts) > 1 and first_setting > 1:  # cram:sigma: a setting without a value
+        name, pairs = parts[0], parts[1:]
     bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
-    if not name or bad:
+    if name and bad:
+        why = "has no value" if "=" not in bad[0] else "has no name"
+        raise BadInputError(f"--methods: '{spec}': setting '{bad[0]}' {why} (write {name}:"
+                            f"{bad[0].split('=')[0] or 'key'}=VALUE)")
+    if not name:
         raise BadInputError(f"--methods: '{spec}' is not NAME or NAME:key=value[:key=value...]")
     return name, [f"method.{p}" for p in pairs]
 
@@ -71,20 +89,26 @@ def run_compare(methods: list[str], out: Path, *, profile=None, config_file=None
         name, settings = parse_variant(spec)
         configs[spec] = resolve_config(method=name, profile=profile, config_file=config_file, benchmark=benchmark,
                                        overrides=[*overrides, *settings])
-    for spec, cfg in configs.items():
-        run = out / variant_dir(spec)
-        if seeds is None:
-            run_or_resume(cfg, run, spec, log)
-            continue
-        for seed in seeds:
-            run_or_resume(dataclasses.replace(cfg, seed=seed), seed_dir(run, seed), f"{spec} seed {seed}", log)
-    return write_comparison(out, methods, seeds)
+    # OUT and every method's directory are held to the end (engine/run_lock.py): a second compare, or a run in
+    # one of them, is refused before anything trains; each run takes its own directory's lock again
+    check_output_dir(out)
+    with contextlib.ExitStack() as held:
+        for where in (out, *(out / variant_dir(spec) for spec in configs)):
+            held.enter_context(hold_run_lock(where, log=log))
+        for spec, cfg in configs.items():
+            run = out / variant_dir(spec)
+            if seeds is None:
+                run_or_resume(cfg, run, spec, log)
+                continue
+            for seed in seeds:
+                run_or_resume(dataclasses.replace(cfg, seed=seed), seed_dir(run, seed), f"{spec} seed {seed}", log)
+        return write_comparison(out, methods, seeds)
 
 
 def _method_row(method: str, run: Path) -> tuple[dict, list]:
     """One comparison row (``method``: the spec it was run under) from a finished run directory."""
-    matrix = json.loads((run / "results" / "matrix.json").read_text())
-    metrics = json.loads((run / "results" / "metrics.json").read_text())
+    matrix = _read_results(run / "results" / "matrix.json")
+    metrics = _read_results(run / "results" / "metrics.json")
     last = max((t for t, row in enumerate(matrix["scores"]) if any(v is not None for v in row)), default=0)
     row = {"method": method, **{c: metrics.get(c) for c in COLUMNS},
            "stored_params": metrics["params"]["stored_total"],

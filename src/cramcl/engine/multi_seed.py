@@ -13,8 +13,10 @@ import json
 import math
 from pathlib import Path
 
+from cramcl.config_checks import MAX_SEED
 from cramcl.engine.checkpoint import write_json_atomic
-from cramcl.engine.runner import run_stream
+from cramcl.engine.run_lock import hold_run_lock
+from cramcl.engine.runner import check_output_dir, run_stream
 from cramcl.engine.saved_config import load_saved_config
 from cramcl.errors import BadInputError
 from cramcl.report.compare_plots import plot_final_rows
@@ -23,14 +25,17 @@ METRICS = ("MFT", "MFN", "MAA", "BWT", "forgetting")
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> [0, 1, 2]; distinct non-negative integers, in the order given."""
+    """``"0,1,2"`` -> [0, 1, 2]; distinct integers in [0, MAX_SEED], in the order given."""
     seeds = []
     for part in str(text).split(","):
         part = part.strip()
         if not part:
             continue
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):  # str.isdigit() also holds for '²' and other digits int() refuses
             raise BadInputError(f"--seeds: '{part}' is not a non-negative integer (expected e.g. 0,1,2)")
+        if len(part) > len(str(MAX_SEED)) or int(part) > MAX_SEED:
+            shown = part if len(part) <= 30 else f"{part[:20]}... ({len(part)} digits)"
+            raise BadInputError(f"--seeds: {shown} is too large (a seed is in [0, {MAX_SEED}])")
         seeds.append(int(part))
     if not seeds:
         raise BadInputError("--seeds: give at least one seed, e.g. 0,1,2")
@@ -128,6 +133,13 @@ def run_seeds(cfg, out: Path, seeds: list[int], *, resume: bool = False, log=pri
         if not saved:
             raise BadInputError(f"{out}: no seed_<s>/config.yaml for seeds {seeds}; --resume needs an earlier run")
         cfg = load_saved_config(saved[0].parent)
+    check_output_dir(out)
+    with hold_run_lock(out, log=log):  # OUT (the summary) for the whole loop; each seed's run locks its own
+        return _run_seeds_locked(cfg, out, seeds, resume=resume, log=log, asked=asked, force=force)
+
+
+def _run_seeds_locked(cfg, out: Path, seeds: list[int], *, resume: bool, log, asked: dict | None,
+                      force: bool) -> dict:
     runs = {}
     for seed in seeds:
         run = runs[seed] = seed_dir(out, seed)

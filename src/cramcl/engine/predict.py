@@ -8,9 +8,10 @@ expert's weight per layer).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from cramcl.data.records import Record, check_image
+from cramcl.data.records import Record, check_image, resolve_file
 from cramcl.engine.session import open_finished_run
 from cramcl.errors import BadInputError
 from cramcl.eval.evaluate import predict
@@ -37,10 +38,11 @@ def read_questions(path: Path) -> list[Record]:
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not isinstance(obj.get("question"), str):
             problems.append(f"{path}: line {n}: needs string fields 'image' and 'question'")
             continue
-        image = (path.parent / obj["image"]).resolve()
-        why = "not found" if not image.is_file() else check_image(image)
+        image, why = resolve_file(path.parent / obj["image"])
+        if why is None and (unreadable := check_image(image)):
+            why = f"unreadable: {unreadable}"
         if why:
-            problems.append(f"{path}: line {n}: image '{obj['image']}' {why if why == 'not found' else 'unreadable: ' + why}")
+            problems.append(f"{path}: line {n}: image '{obj['image']}' {why}")
             continue
         records.append(Record(id=str(obj.get("id", f"line-{n}")), image=image, question=obj["question"], answer=""))
     if problems:
@@ -51,13 +53,39 @@ def read_questions(path: Path) -> list[Record]:
 
 
 def one_question(image: str, question: str) -> list[Record]:
-    path = Path(image).expanduser().resolve()
-    why = "not found" if not path.is_file() else check_image(path)
+    path, why = resolve_file(Path(image))  # not found, a symlink loop, ...
+    if why is None and (unreadable := check_image(path)):
+        why = f"unreadable image: {unreadable}"
     if why:
-        raise BadInputError(f"--image {image}: {why if why == 'not found' else 'unreadable image: ' + why}")
+        raise BadInputError(f"--image {image}: {why}")
     if not question.strip():
         raise BadInputError("--question: empty")
     return [Record(id="input", image=path, question=question.strip(), answer="")]
+
+
+def unreadable_words(tokenizer, records: list[Record]) -> tuple[list[str], int]:
+    """(words of the questions a word-level vocabulary lacks, in order met, and how many questions hold one)."""
+    words: dict[str, None] = {}
+    hit = 0
+    for r in records:
+        found = [w for w in tokenizer.normalizer.normalize_str(r.question).split() if tokenizer.token_to_id(w) is None]
+        words.update(dict.fromkeys(found))
+        hit += bool(found)
+    return list(words), hit
+
+
+def warn_unreadable_words(backbone, records: list[Record]) -> None:
+    """The tiny backbone reads a word outside its vocabulary as one unknown token: say which words, on standard
+    error, so that an answer that ignores them is not a surprise (a real model's subword tokenizer reads all)."""
+    tokenizer = getattr(backbone, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "token_to_id") or getattr(tokenizer, "normalizer", None) is None:
+        return
+    words, hit = unreadable_words(tokenizer, records)
+    if words:
+        shown = ", ".join(repr(w) for w in words[:10]) + (f" and {len(words) - 10} more" if len(words) > 10 else "")
+        which = f"record '{records[0].id}'" if len(records) == 1 else f"{hit} of {len(records)} questions"
+        print(f"cramcl: warning: the model's vocabulary lacks {shown} ({which}); it reads each as an unknown word, "
+              "so the answer cannot depend on it", file=sys.stderr)
 
 
 def predict_run(run_dir: Path, records: list[Record], *, explain: bool = False, after_task: int | None = None,
@@ -68,6 +96,7 @@ def predict_run(run_dir: Path, records: list[Record], *, explain: bool = False, 
     if method.uses_task_id_at_eval:
         raise BadInputError(f"{run_dir}: method '{session.cfg.method}' routes by the true task id, which a new "
                             "question does not have; predict needs a method that infers it")
+    warn_unreadable_words(session.backbone, records)
     session.backbone.prepare(records, desc="image features")
     answers = predict(session.accelerator, session.backbone, method, records, session.cfg.train.eval_batch_size,
                       desc="predict", loader_workers=session.loader_workers)

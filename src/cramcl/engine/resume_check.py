@@ -4,11 +4,19 @@ The settings given with ``--resume`` (``--method``, ``--profile``, ``--config``,
 ``KEY=VALUE``) are applied on top of the saved ``config.yaml``; every one that changes the saved run is a
 difference, and differences are refused (exit 2, one line each). ``--force`` accepts the settings that
 cannot change any result already computed (``FORCE_SAFE``) and still refuses the rest.
+
+``config.yaml`` itself is held to the checkpoint: each task checkpoint carries ``settings.json``
+(:func:`settings_record`, the resolved settings it was made under, less ``FORCE_SAFE`` and ``NOT_A_CHANGE``),
+and a ``config.yaml`` edited since is refused the same way, one line per changed key
+(:func:`check_checkpoint_settings`). A checkpoint without the record (made by an earlier cramcl) resumes
+unchecked.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 from cramcl.config import RunConfig, _read_yaml, _split_method, apply_layers, parse_overrides
@@ -77,3 +85,43 @@ def check_resume(saved: RunConfig, run_dir: Path, force: bool, **asked_settings)
         section, name = key.split(".", 1)
         setattr(getattr(saved, section), name, value)
     return saved
+
+
+SETTINGS_FORMAT = "cramcl-settings/1"
+
+
+def settings_record(cfg: RunConfig) -> dict:
+    """``settings.json`` of a checkpoint: every resolved setting that can change a result, by dotted key, and
+    the SHA-256 of their canonical JSON (sorted keys, no spaces)."""
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in FORCE_SAFE | NOT_A_CHANGE}
+    canonical = json.dumps(flat, sort_keys=True, separators=(",", ":"))
+    return {"format": SETTINGS_FORMAT, "settings_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+            "settings": json.loads(canonical)}
+
+
+def checkpoint_settings_differences(stored: dict, cfg: RunConfig) -> list[tuple[str, object, object]]:
+    """(key, value in the checkpoint, value in ``cfg``) for every setting both know that differs; none when
+    the hashes agree. A key only one side knows (a setting added or retired by another cramcl version) is
+    not a difference."""
+    current = settings_record(cfg)
+    if stored.get("settings_sha256") == current["settings_sha256"]:
+        return []
+    old, new = stored["settings"], current["settings"]
+    return [(k, old[k], new[k]) for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+
+
+def check_checkpoint_settings(cfg: RunConfig, ckpt, run_dir: Path, log=print) -> None:
+    """Refuse to resume from ``ckpt`` (engine/checkpoint.py's TaskCheckpoint) when ``config.yaml`` was edited
+    after it was made: one line per setting, with both values."""
+    stored = ckpt.settings
+    if not (isinstance(stored, dict) and stored.get("format") == SETTINGS_FORMAT
+            and isinstance(stored.get("settings"), dict)):
+        log(f"note: checkpoint {ckpt.path.name} has no settings record (made by an earlier cramcl); config.yaml "
+            "is not compared with it")
+        return
+    diffs = checkpoint_settings_differences(stored, cfg)
+    if diffs:
+        raise BadInputError([f"{run_dir / 'config.yaml'}: {k}: {old!r} in checkpoint {ckpt.path.name}, {new!r} in "
+                             "config.yaml; config.yaml was edited after the checkpoint was made and a resumed run "
+                             "keeps its settings (restore the value, or start a new run with another --out)"
+                             for k, old, new in diffs])

@@ -19,12 +19,13 @@ import torch
 from cramcl.config import RunConfig
 from cramcl.engine import session as session_module  # open_session looked up when called: a test may replace it
 from cramcl.engine.budget import global_batch, task_steps
-from cramcl.engine.checkpoint import (last_good_checkpoint, remove_orphans, save_checkpoint, write_json_atomic,
-                                     write_yaml_atomic)
+from cramcl.engine.checkpoint import (finished_checkpoints, newest_good_checkpoint, remove_orphans, save_checkpoint,
+                                     write_json_atomic, write_yaml_atomic)
 from cramcl.engine.env import environment_record
 from cramcl.engine.kill_points import kill_point
 from cramcl.engine.results import matrix_json, write_results
-from cramcl.engine.resume_check import check_resume
+from cramcl.engine.resume_check import check_checkpoint_settings, check_resume, settings_record
+from cramcl.engine.run_lock import hold_run_lock, refuse_if_held
 from cramcl.engine.run_record import RunRecord
 from cramcl.engine.saved_config import load_saved_config
 from cramcl.engine.step_checkpoint import read_step_checkpoint, remove_step_checkpoint, save_step_checkpoint
@@ -38,8 +39,18 @@ def _task_seed(seed: int, task_index: int) -> int:
     return seed * 1000 + task_index
 
 
+#: the longest file name (one path component, in bytes) of ext4, XFS, Btrfs, tmpfs and APFS alike
+NAME_MAX = 255
+
+
 def check_output_dir(out: Path) -> None:
     """``out`` must be a directory we can create or write, checked before anything is built or written."""
+    long_part = next((p for p in out.parts if len(os.fsencode(p)) > NAME_MAX), None)
+    if long_part is not None:
+        raise BadInputError(f"{str(out)[:80]}...: --out has a name of {len(os.fsencode(long_part))} bytes; "
+                            f"filesystems allow {NAME_MAX}")
+    if out.is_symlink() and not out.exists():
+        raise BadInputError(f"{out}: --out is a symlink to '{os.readlink(out)}', which does not exist (or loops)")
     if out.exists() and not out.is_dir():
         raise BadInputError(f"{out}: --out exists and is not a directory")
     probe = out
@@ -161,10 +172,30 @@ def check_same_base(out: Path, backbone) -> None:
 def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, stop_after_task: int | None = None,
                asked: dict | None = None, force: bool = False) -> dict:
     """Run the whole stream; returns the final ``matrix.json`` dict. ``stop_after_task`` (tests) simulates an
-    interruption right after that task's checkpoint. ``asked``/``force``: see :func:`prepare_run_dir`."""
+    interruption right after that task's checkpoint. ``asked``/``force``: see :func:`prepare_run_dir`.
+
+    The run holds ``out/run.lock`` from before it reads the saved run to its end (engine/run_lock.py): a
+    second writer on ``out`` is refused naming this one."""
     out = Path(out)
     check_output_dir(out)
+    if not resume:  # an existing run is refused before the lock, which would create and delete a file in it
+        refuse_if_held(out)
+        prepare_run_dir(cfg, out, resume, asked, force)
+    with hold_run_lock(out, log=log):
+        return _run_locked(cfg, out, resume=resume, log=log, stop_after_task=stop_after_task, asked=asked,
+                           force=force)
+
+
+def _run_locked(cfg: RunConfig, out: Path, *, resume: bool, log, stop_after_task: int | None, asked: dict | None,
+                force: bool) -> dict:
     cfg = prepare_run_dir(cfg, out, resume, asked, force)
+    resume_from = None  # the newest checkpoint that reads back whole and finite (others are reported and skipped)
+    if resume:
+        resume_from = newest_good_checkpoint(out, warn=log)
+        if resume_from is not None:  # config.yaml must still say what the checkpoint was made under
+            check_checkpoint_settings(cfg, resume_from, out, log=log)
+        elif finished_checkpoints(out):
+            log("warning: no checkpoint of this run is usable; it starts again from its first task")
     session = session_module.open_session(cfg, out, log=log, check_images=cfg.data.validate_images)
     bench, accelerator, backbone, method = session.bench, session.accelerator, session.backbone, session.method
     tasks = list(bench.tasks)
@@ -183,9 +214,9 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
         orphans = remove_orphans(out) if accelerator.is_main_process else []
         if orphans:
             log(f"removed {len(orphans)} unfinished checkpoint write(s) of the interrupted run: {', '.join(orphans)}")
-        ckpt = last_good_checkpoint(out, warn=log)
+        ckpt = resume_from.path if resume_from is not None else None
     if ckpt is not None:
-        done, record = session_module.restore_checkpoint(session, ckpt)
+        done, record = session_module.restore_checkpoint(session, resume_from)
         if record.tasks != names:
             raise BadInputError(f"{ckpt}: checkpoint was made for tasks {record.tasks}, the stream has {names}")
         start = done + 1
@@ -242,7 +273,7 @@ def run_stream(cfg: RunConfig, out: Path, *, resume: bool = False, log=print, st
 
         if accelerator.is_main_process:
             tensors, meta = method.state()
-            save_checkpoint(out, t, tensors, meta, record.to_json())
+            save_checkpoint(out, t, tensors, meta, record.to_json(), settings_record(cfg))
             remove_step_checkpoint(out)  # the task's own checkpoint supersedes it
             kill_point("checkpoint_done")
             write_results(out, cfg, method, record, partial=t + 1 < len(tasks), seen_tasks=tasks[: t + 1])

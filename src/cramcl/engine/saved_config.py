@@ -8,6 +8,7 @@ import yaml
 
 from cramcl.config import RunConfig, config_from_dict
 from cramcl.errors import BadInputError
+from cramcl.safe_yaml import YAMLRefused, load_yaml
 
 
 def load_saved_config(run_dir: Path) -> RunConfig:
@@ -16,7 +17,9 @@ def load_saved_config(run_dir: Path) -> RunConfig:
     if not saved.exists():
         raise BadInputError(f"{saved}: not found; --resume needs the directory of an earlier run")
     try:
-        data = yaml.safe_load(saved.read_text(encoding="utf-8"))
+        data = load_yaml(saved.read_text(encoding="utf-8"))
+    except YAMLRefused as e:
+        raise BadInputError(f"{saved}: {e}; the run cannot be resumed") from None
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise BadInputError(f"{saved}: not a readable config ({type(e).__name__}); the run cannot be resumed") from None
     if not isinstance(data, dict):

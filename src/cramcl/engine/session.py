@@ -11,7 +11,7 @@ import torch
 import cramcl.backbones  # build_backbone looked up when called: a test may replace it
 from cramcl.config import RunConfig
 from cramcl.data.stream import check_stream_images, load_stream
-from cramcl.engine.checkpoint import last_good_checkpoint, load_checkpoint
+from cramcl.engine.checkpoint import TaskCheckpoint, checkpoint_for_reading, read_checkpoint
 from cramcl.engine.env import make_accelerator
 from cramcl.engine.loader import resolve_workers
 from cramcl.engine.run_record import RunRecord
@@ -56,21 +56,22 @@ def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = Fals
 
 
 def open_finished_run(run_dir: Path, after_task: int | None = None, log=print) -> tuple[Session, int, RunRecord]:
-    """A session with the method state of ``checkpoints/task_<after_task>`` (default: the last one)."""
+    """A session with the method state of ``checkpoints/task_<after_task>`` (default: the last one), which is
+    checked before anything is built: a damaged one, or one holding a non-finite tensor, is bad input."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise BadInputError(f"{run_dir / 'config.yaml'}: not found; --run must be the directory of a cramcl run")
     cfg = load_saved_config(run_dir)
-    ckpt = last_good_checkpoint(run_dir, warn=log) if after_task is None else run_dir / "checkpoints" / f"task_{after_task}"
-    if ckpt is None or not ckpt.is_dir():
-        raise BadInputError(f"{run_dir}: no checkpoint for task {after_task if after_task is not None else '(any)'}")
+    ckpt = checkpoint_for_reading(run_dir, after_task)
     session = open_session(cfg, run_dir, log=log)
     return session, *restore_checkpoint(session, ckpt)
 
 
-def restore_checkpoint(session: Session, ckpt: Path) -> tuple[int, RunRecord]:
-    """Load ``checkpoints/task_<t>`` into the session's method; returns (t, the run's record saved with it)."""
-    tensors, meta, record = load_checkpoint(ckpt)
-    session.method.load_state(tensors, meta)
+def restore_checkpoint(session: Session, ckpt: Path | TaskCheckpoint) -> tuple[int, RunRecord]:
+    """Load ``checkpoints/task_<t>`` (a path, or the checkpoint already read) into the session's method;
+    returns (t, the run's record saved with it)."""
+    if not isinstance(ckpt, TaskCheckpoint):
+        ckpt = read_checkpoint(Path(ckpt))
+    session.method.load_state(ckpt.tensors, ckpt.meta)
     session.backbone.model.to(session.accelerator.device)
-    return int(ckpt.name.split("_")[1]), RunRecord.from_json(record)
+    return ckpt.task, RunRecord.from_json(ckpt.runner)

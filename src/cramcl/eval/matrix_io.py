@@ -63,3 +63,30 @@ def read_matrix(path: Path) -> dict:
                               or not all(isinstance(t, str) for t in tasks)):
         raise BadInputError(f"{path}: 'tasks' must list {len(scores[0])} task names, one per column")
     return data
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object file the package wrote (``what``: "metrics.json"), read back: a directory in its place, a
+    file cut off by a full disk or a crash, or one nested too deeply is bad input naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BadInputError(f"{path}: is a directory, not a {what}") from None
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}), not a {what}") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = json.loads(text, parse_constant=lambda c: float(c))
+    except json.JSONDecodeError as e:
+        cut = " (cut off?)" if e.pos >= len(text.rstrip()) else ""
+        raise BadInputError(f"{path}: not a {what}: invalid JSON at line {e.lineno}, column {e.colno}{cut}: "
+                            f"{e.msg}") from None
+    except RecursionError:
+        raise BadInputError(f"{path}: not a {what}: invalid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: not a {what} (expected an object)")
+    return data

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,8 @@ class EfficientNetFeatures:
             if dg in self._memory:
                 continue
             cached = self._path(dg)
-            if cached.exists():
-                tensors = load_file(cached)
+            tensors = self._read_cached(cached) if cached.exists() else None
+            if tensors is not None:
                 self._memory[dg] = tensors.pop("features")
                 self._pooled[dg] = tensors  # the pooled blocks cached with it, if any
             else:
@@ -103,6 +104,23 @@ class EfficientNetFeatures:
                 self._pooled[dg] = {k: v[i].clone() for k, v in pooled.items()}
                 self._store(dg, {"features": self._memory[dg], **self._pooled[dg]})
         return digests
+
+    @staticmethod
+    def _read_cached(path: Path) -> dict[str, Tensor] | None:
+        """An image's cached tensors, or None (with a warning naming the file) when the file is damaged: it is
+        then recomputed and rewritten, as if it had never been cached."""
+        try:
+            tensors = load_file(path)
+            feats = tensors.get("features")
+            if feats is None or feats.dim() != 2 or feats.shape[1] != FEATURE_DIM:
+                raise ValueError(f"no (tokens, {FEATURE_DIM}) 'features' tensor")
+            if not all(v.is_floating_point() and bool(torch.isfinite(v).all()) for v in tensors.values()):
+                raise ValueError("a tensor is not finite")
+            return tensors
+        except Exception as e:  # safetensors raises its own error type for a torn or foreign file
+            print(f"cramcl: warning: {path}: damaged image-feature cache file ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); recomputing it", file=sys.stderr)
+            return None
 
     def features(self, digests: list[str]) -> Tensor:
         """(B, n_tokens, 1280) for already prepared images."""
