@@ -293,11 +293,25 @@ def _resume_hint(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    previous_hook, threading.excepthook = threading.excepthook, _background_thread_fault
     try:
         return _dispatch(args)
     finally:
+        threading.excepthook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _background_thread_fault(hook_args) -> None:
+    """A library's writer thread (TensorBoard's event writer) hit by the same disk fault the run reports: one
+    line, not a second traceback; anything else keeps Python's report."""
+    e = _os_error(hook_args.exc_value) if hook_args.exc_value is not None else None
+    if e is None or e.errno not in (*_DISK_ERRNOS, errno.ENOENT, errno.ENOTDIR):
+        threading.__excepthook__(hook_args)
+        return
+    where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+    name = type(hook_args.thread).__name__ if hook_args.thread is not None else "a background thread"
+    print(f"cramcl: warning: {name} stopped writing: {where}{e.strerror or e} [errno {e.errno}]", file=sys.stderr)
 
 
 def _in_main_thread() -> bool:
