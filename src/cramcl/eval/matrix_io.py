@@ -41,21 +41,8 @@ def check_scores(scores, where: str) -> list[list[float | None]]:
 def read_matrix(path: Path) -> dict:
     """Load and check a matrix.json: {"scores": [[...]], optional "tasks": [names]} (bad input otherwise)."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise BadInputError(f"{path}: is a directory, not a matrix.json") from None
-    except UnicodeDecodeError as e:
-        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        data = json.loads(text, parse_constant=lambda c: float(c))
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"{path}: not a matrix.json (invalid JSON at line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except RecursionError:
-        raise BadInputError(f"{path}: invalid JSON: nested too deeply") from None
-    if not isinstance(data, dict) or "scores" not in data:
+    data = read_json_object(path, "matrix.json")
+    if "scores" not in data:
         raise BadInputError(f"{path}: not a matrix.json (expected an object with 'scores')")
     scores = check_scores(data["scores"], str(path))
     tasks = data.get("tasks")
