@@ -294,24 +294,34 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     previous_hook, threading.excepthook = threading.excepthook, _background_thread_fault
+    _BACKGROUND_FAULTS.clear()
+    code = 1
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        return code
     finally:
         threading.excepthook = previous_hook
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if code != 1:  # exit 1 has reported the fault itself, in one line
+            for fault in _BACKGROUND_FAULTS:
+                print(f"cramcl: warning: {fault}", file=sys.stderr)
+
+
+#: disk faults met by a library's writer thread (TensorBoard's event writer) while the command ran
+_BACKGROUND_FAULTS: list[str] = []
 
 
 def _background_thread_fault(hook_args) -> None:
-    """A library's writer thread (TensorBoard's event writer) hit by the same disk fault the run reports: one
-    line, not a second traceback; anything else keeps Python's report."""
+    """A library's writer thread hit by a disk fault (the run directory removed, a full disk): kept for one
+    warning line at the end, or left to the run's own fault line; any other thread error keeps Python's report."""
     e = _os_error(hook_args.exc_value) if hook_args.exc_value is not None else None
     if e is None or e.errno not in (*_DISK_ERRNOS, errno.ENOENT, errno.ENOTDIR):
         threading.__excepthook__(hook_args)
         return
     where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
     name = type(hook_args.thread).__name__ if hook_args.thread is not None else "a background thread"
-    print(f"cramcl: warning: {name} stopped writing: {where}{e.strerror or e} [errno {e.errno}]", file=sys.stderr)
+    _BACKGROUND_FAULTS.append(f"{name} stopped writing: {where}{e.strerror or e} [errno {e.errno}]")
 
 
 def _in_main_thread() -> bool:
