@@ -186,12 +186,12 @@ def test_a_background_writer_hit_by_the_fault_is_one_warning_and_other_thread_er
     fails too; that is kept for one warning line (the run's own fault line covers it when the run fails)."""
     import threading
 
-    from cramcl import cli
+    from cramcl import faults
 
     def run_in_thread(error):
         def target():
             raise error
-        previous, threading.excepthook = threading.excepthook, cli._background_thread_fault
+        previous, threading.excepthook = threading.excepthook, faults.background_thread_fault
         try:
             t = threading.Thread(target=target)
             t.start()
@@ -200,10 +200,10 @@ def test_a_background_writer_hit_by_the_fault_is_one_warning_and_other_thread_er
             threading.excepthook = previous
         return capsys.readouterr().err
 
-    cli._BACKGROUND_FAULTS.clear()
+    faults.BACKGROUND_FAULTS.clear()
     assert run_in_thread(FileNotFoundError(2, "No such file or directory", "/gone/run/logs/events")) == ""
-    assert cli._BACKGROUND_FAULTS == ["Thread stopped writing: /gone/run/logs/events: No such file or directory "
+    assert faults.BACKGROUND_FAULTS == ["Thread stopped writing: /gone/run/logs/events: No such file or directory "
                                       "[errno 2]"]
-    cli._BACKGROUND_FAULTS.clear()
+    faults.BACKGROUND_FAULTS.clear()
     err = run_in_thread(ValueError("a bug"))
-    assert "Traceback" in err and "ValueError: a bug" in err and not cli._BACKGROUND_FAULTS
+    assert "Traceback" in err and "ValueError: a bug" in err and not faults.BACKGROUND_FAULTS

@@ -7,9 +7,7 @@ mistyped argument should not wait for.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import os
 import re
 import signal
 import sys
@@ -19,6 +17,7 @@ from pathlib import Path
 
 from cramcl.config import PROFILES, resolve_config
 from cramcl.errors import BadInputError, TrainingFault
+from cramcl.faults import BACKGROUND_FAULTS, background_thread_fault, environment_fault
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -293,8 +292,8 @@ def _resume_hint(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    previous_hook, threading.excepthook = threading.excepthook, _background_thread_fault
-    _BACKGROUND_FAULTS.clear()
+    previous_hook, threading.excepthook = threading.excepthook, background_thread_fault
+    BACKGROUND_FAULTS.clear()
     code = 1
     try:
         code = _dispatch(args)
@@ -304,24 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if code != 1:  # exit 1 has reported the fault itself, in one line
-            for fault in _BACKGROUND_FAULTS:
+            for fault in BACKGROUND_FAULTS:
                 print(f"cramcl: warning: {fault}", file=sys.stderr)
-
-
-#: disk faults met by a library's writer thread (TensorBoard's event writer) while the command ran
-_BACKGROUND_FAULTS: list[str] = []
-
-
-def _background_thread_fault(hook_args) -> None:
-    """A library's writer thread hit by a disk fault (the run directory removed, a full disk): kept for one
-    warning line at the end, or left to the run's own fault line; any other thread error keeps Python's report."""
-    e = _os_error(hook_args.exc_value) if hook_args.exc_value is not None else None
-    if e is None or e.errno not in (*_DISK_ERRNOS, errno.ENOENT, errno.ENOTDIR):
-        threading.__excepthook__(hook_args)
-        return
-    where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
-    name = type(hook_args.thread).__name__ if hook_args.thread is not None else "a background thread"
-    _BACKGROUND_FAULTS.append(f"{name} stopped writing: {where}{e.strerror or e} [errno {e.errno}]")
 
 
 def _in_main_thread() -> bool:
@@ -340,45 +323,6 @@ def _note_run_in_progress(args) -> None:
         note = reader_note(Path(args.run))
         if note:
             print(f"cramcl: note: {note}", file=sys.stderr)
-
-
-#: errors of the disk or filesystem, not of the program: one line naming the file, never a traceback
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind ``e``: itself, one it was raised from, or a library's wrapper that names only the
-    error number (safetensors: "... (os error 28)")."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        number = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
-        if number:
-            code = int(number.group(1))
-            return OSError(code, os.strerror(code))
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _environment_fault(args, error: BaseException) -> str | None:
-    """One line for an OSError the machine caused (a full disk, a run directory removed while a run writes
-    in it), or None for any other (an internal error, reported with its traceback)."""
-    e = _os_error(error)
-    if e is None:
-        return None
-    where = os.fsdecode(e.filename) if e.filename else ""
-    where = where or ((getattr(args, "out", None) or "") if args.command in ("run", "compare") else "")
-    what = f"{where}: {e.strerror or e} [errno {e.errno}]" if where else f"{e.strerror or e} [errno {e.errno}]"
-    if e.errno in _DISK_ERRNOS:
-        return f"{what}; free space (or fix the disk), then {_resume_hint(args)}"
-    out = getattr(args, "out", None) if args.command in ("run", "compare") else None
-    # a file of the run's own directory vanished under it: the directory (or part of it) was removed or moved
-    if out and where and e.errno in (errno.ENOENT, errno.ENOTDIR) \
-            and Path(os.path.abspath(where)).is_relative_to(os.path.abspath(out)):
-        return f"{what}; the run directory {out} (or part of it) was removed or moved while the run wrote to it"
-    return None
 
 
 def _dispatch(args) -> int:
@@ -405,7 +349,8 @@ def _dispatch(args) -> int:
         if _raised_by(e, _Terminated):  # SIGTERM inside an import or callback that wrapped it (ImportError ...)
             print(f"cramcl: terminated (SIGTERM); {_resume_hint(args)}", file=sys.stderr)
             return 143
-        fault = _environment_fault(args, e)
+        out = getattr(args, "out", None) if args.command in ("run", "compare") else None
+        fault = environment_fault(e, out, _resume_hint(args))
         if fault is not None:
             print(f"cramcl: fault: {fault}", file=sys.stderr)
             return 1
