@@ -136,9 +136,14 @@ def _parse(path: Path, data: bytes):
     return load_safetensors(data) if path.suffix == ".safetensors" else json.loads(data.decode("utf-8"))
 
 
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating tensors holding NaN or infinite values, sorted."""
+    return [k for k, v in sorted(tensors.items()) if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def nonfinite_problem(file: Path, tensors: dict) -> str | None:
     """Which floating tensors of ``file`` hold NaN or infinite values (the first one named), or None."""
-    bad = [k for k, v in sorted(tensors.items()) if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(tensors)
     if not bad:
         return None
     kind = "NaN" if bool(torch.isnan(tensors[bad[0]]).any()) else "infinite"

@@ -19,7 +19,7 @@ import torch
 from cramcl.config import RunConfig
 from cramcl.engine import session as session_module  # open_session looked up when called: a test may replace it
 from cramcl.engine.budget import global_batch, task_steps
-from cramcl.engine.checkpoint import (finished_checkpoints, newest_good_checkpoint, remove_orphans, save_checkpoint,
+from cramcl.engine.checkpoint import (finished_checkpoints, newest_good_checkpoint, nonfinite_tensors, remove_orphans, save_checkpoint,
                                      write_json_atomic, write_yaml_atomic)
 from cramcl.engine.env import environment_record
 from cramcl.engine.kill_points import kill_point
@@ -89,7 +89,7 @@ def check_finite_state(method, task_index: int, task_name: str, when: str = "aft
     """Every floating tensor of the method's state (or of ``tensors``) must be finite before it is evaluated
     or checkpointed."""
     tensors = method.state()[0] if tensors is None else tensors
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(tensors)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise TrainingFault(f"task {task_index} ('{task_name}'), {when}: {len(bad)} tensor(s) of the method "

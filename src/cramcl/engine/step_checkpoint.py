@@ -24,16 +24,14 @@ are seeded alike and draw alike, so they hold the same states (mid-task resume i
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from cramcl.engine.checkpoint import checkpoint_problem, write_checkpoint_dir
+from cramcl.engine.checkpoint import UnusableCheckpoint, read_checkpoint_files, write_checkpoint_dir
 
 STEP_DIR = "step"
 STEP_FILES = ("method.safetensors", "method.json", "trainer.safetensors", "trainer.json")
@@ -133,16 +131,17 @@ def read_step_checkpoint(run_dir: Path, task: int, warn=print) -> StepResume | N
     path = step_dir(run_dir)
     if not path.is_dir():
         return None
-    problem = checkpoint_problem(path, STEP_FILES, STEP_FORMAT)
-    if problem is None:
-        try:
-            meta = json.loads((path / "trainer.json").read_text())
-            found = (int(meta["task"]), int(meta["step"]), int(meta["phase_index"]))
-            resume = StepResume(*found, load_file(str(path / "method.safetensors")),
-                                json.loads((path / "method.json").read_text()),
-                                load_file(str(path / "trainer.safetensors")), meta)
-        except Exception as e:  # noqa: BLE001 - a checkpoint that does not parse is as good as none
-            problem = f"{path}: does not parse ({type(e).__name__}: {e})"
+    problem = None
+    try:  # read once: the manifest check, the parse and the finite check in one pass over the files
+        files = read_checkpoint_files(path, STEP_FILES, STEP_FORMAT)
+        meta = files["trainer.json"]
+        found = (int(meta["task"]), int(meta["step"]), int(meta["phase_index"]))
+        resume = StepResume(*found, files["method.safetensors"], files["method.json"],
+                            files["trainer.safetensors"], meta)
+    except UnusableCheckpoint as e:
+        problem = e.problem
+    except (KeyError, TypeError, ValueError) as e:  # whole and finite, yet not a step checkpoint's contents
+        problem = f"{path}: does not parse ({type(e).__name__}: {e})"
     if problem is not None:
         warn(f"warning: step checkpoint not usable ({problem}); task {task} restarts from its first step")
         return None
