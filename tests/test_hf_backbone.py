@@ -1,7 +1,8 @@
-"""The real-model backbone on tiny random-weight models of real architectures (built from config, saved with
-save_pretrained and loaded by path like a user's checkpoint): prompts and labels, image tokens, adapter
-injection on the LLM only, LoRA training with gradient checkpointing, batched greedy generation, routing
-features, and a CRAM run end to end. CPU, no network."""
+"""The real-model backbone on tiny random-weight models of real architectures (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL,
+Idefics3, InternVL, LLaVA-OneVision, Gemma 3; built from config, saved with save_pretrained and loaded by path
+like a user's checkpoint): prompts and labels, image tokens, adapter injection on the LLM only, LoRA training
+with gradient checkpointing, batched greedy generation, routing features, a CRAM run end to end and its PEFT
+export. CPU, no network."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,8 @@ import pytest  # noqa: E402
 from cramcl.adapters.inject import inject_adapters  # noqa: E402
 from cramcl.adapters.multi_lora import MultiLoRALinear, RoutingContext  # noqa: E402
 from cramcl.backbones.hf import HFBackbone, HFOptions  # noqa: E402
-from cramcl.backbones.hf.tiny_models import ARCHITECTURES, IMAGE_TOKENS, build_tiny_model  # noqa: E402
+from cramcl.backbones.hf.tiny_models import (ARCHITECTURES, IMAGE_TOKENS, ONEVISION_IMAGE_TOKENS,  # noqa: E402
+                                              build_tiny_model)
 from cramcl.data.records import Record  # noqa: E402
 from cramcl.errors import BadInputError  # noqa: E402
 
@@ -75,18 +77,43 @@ def test_labels_are_the_answer_and_eos_only(bb, image_records):
         n = int(batch["attention_mask"][i].sum())
         assert batch["attention_mask"][i, :n].all()
         assert torch.equal(batch["input_ids"][i, n - len(ids):n], ids)
+        # the end-of-turn label is the one the template writes (not an eos appended in its place)
+        assert bb.tokenizer.decode(ids).strip() == bb.chat.completion_text(r.question, r.answer).strip()
+        # one bos at most, first (a template that writes it, as Gemma 3's does, gets no second one)
+        bos, row = bb.tokenizer.bos_token_id, batch["input_ids"][i, :n].tolist()
+        assert bos is None or row.count(bos) == int(row[0] == bos)
     assert not bool((batch["labels"] != -100)[batch["image_mask"]].any())
+
+
+def _image_tokens(bb, records) -> list[int]:
+    """Tokens per image of the tiny models: 16, except LLaVA-OneVision's anyres grid (by image side)."""
+    from PIL import Image
+
+    if bb.model.config.model_type != "llava_onevision":
+        return [IMAGE_TOKENS] * len(records)
+    return [ONEVISION_IMAGE_TOKENS[Image.open(r.image).width] for r in records]
 
 
 def test_image_mask_counts_the_image_tokens(bb, image_records):
     batch = bb.collate(image_records[:4], train=False)
     mask = batch["image_mask"]
     assert mask.dtype == torch.bool and mask.shape == batch["input_ids"].shape
-    assert mask.sum(1).tolist() == [IMAGE_TOKENS] * 4
+    assert mask.sum(1).tolist() == _image_tokens(bb, image_records[:4])
     assert torch.equal(mask, batch["input_ids"] == bb.model.config.image_token_id)
     if "image_grid_thw" in batch:  # Qwen2-VL: one token per merged 2x2 patch group
         assert batch["image_grid_thw"].prod(-1).div(4).tolist() == [IMAGE_TOKENS] * 4
         assert "mm_token_type_ids" in batch
+
+
+def test_a_non_square_image_gets_as_many_tokens_as_the_model_gives_features(bb, tmp_path):
+    """The processor's image-token count (dynamic resolution, anyres unpadding) is what the model fills."""
+    from PIL import Image
+
+    Image.new("RGB", (56, 24), "teal").save(tmp_path / "wide.png")
+    batch = bb.collate([Record("wide", tmp_path / "wide.png", *QA[0])], train=True)
+    assert bb._image_features(batch).shape[0] == int(batch["image_mask"].sum()) > 0
+    with torch.no_grad():
+        assert torch.isfinite(bb.model(**bb.model_inputs(batch)).loss)
 
 
 def test_adapters_go_on_the_llm_only_and_train_with_checkpointing(bb, image_records):
@@ -148,10 +175,11 @@ def test_pooled_image_features_shape_and_determinism(bb, image_records):
     assert not torch.allclose(feats[0], feats[1])
 
 
-def test_processor_kwargs_reach_the_image_processor(model_dirs, image_records):
-    # Qwen2-VL at 16x16 pixels: 4x4 patches of 4 px, merged 2x2 -> 4 image tokens instead of 16
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_processor_kwargs_reach_the_image_processor(arch, model_dirs, image_records):
+    # Qwen2(.5)-VL at 16x16 pixels: 4x4 patches of 4 px, merged 2x2 -> 4 image tokens instead of 16
     size = {"shortest_edge": 256, "longest_edge": 256}  # Qwen2-VL's min / max pixels
-    bb = HFBackbone(HFOptions(model_path=model_dirs["qwen2_vl"], processor_kwargs={"size": size}), log=_quiet)
+    bb = HFBackbone(HFOptions(model_path=model_dirs[arch], processor_kwargs={"size": size}), log=_quiet)
     assert bb.collate(image_records[:2], train=False)["image_mask"].sum(1).tolist() == [4, 4]
 
 
@@ -269,22 +297,24 @@ def test_cram_run_through_the_factory(tmp_path, model_dirs, image_records):
     _check_cram_run(tmp_path / "run", num_layers=2)
 
 
-def test_exported_expert_on_tiny_llava_loads_into_peft_with_cramcls_logits(tmp_path, model_dirs, image_records):
-    """cramcl export on a real architecture: the adapter's module paths are the HF model's own, so
-    PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(path), OUT) computes cramcl's logits."""
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl", "llava_onevision", "gemma3"])
+def test_cram_run_and_exported_expert_loads_into_peft_with_cramcls_logits(arch, tmp_path, model_dirs, image_records):
+    """A CRAM run, then cramcl export on a real architecture: the adapter's module paths are the HF model's own,
+    so PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(path), OUT) computes cramcl's logits."""
     from cramcl.config import resolve_config
     from cramcl.engine.export import export_peft
     from cramcl.engine.runner import run_stream
     from cramcl.engine.session import open_finished_run
 
     cfg = resolve_config(method="cram", profile="quick", benchmark=_benchmark(tmp_path, image_records),
-                         overrides=[*CRAM_OVERRIDES, "backbone.name=hf", f"backbone.model_path={model_dirs['llava']}"])
+                         overrides=[*CRAM_OVERRIDES, "backbone.name=hf", f"backbone.model_path={model_dirs[arch]}"])
     run_stream(cfg, tmp_path / "run", log=_quiet)
+    _check_cram_run(tmp_path / "run", num_layers=2)
     session, _, _ = open_finished_run(tmp_path / "run", log=_quiet)
     out = export_peft(session, "shape", tmp_path / "peft")
     torch.set_grad_enabled(False)
     try:
-        _compare_exported(session, out, model_dirs["llava"])
+        _compare_exported(session, out, model_dirs[arch])
     finally:
         torch.set_grad_enabled(True)
 

@@ -1,5 +1,6 @@
 """A real MLLM as the frozen base: any local transformers image-text-to-text checkpoint (LLaVA-1.5, Qwen2-VL,
-Idefics3 / SmolVLM, InternVL-hf, ...), loaded with ``AutoProcessor`` + ``AutoModelForImageTextToText``.
+Qwen2.5-VL, Idefics3 / SmolVLM, InternVL-hf, LLaVA-OneVision, Gemma 3, ...), loaded with ``AutoProcessor`` +
+``AutoModelForImageTextToText``.
 
 Nothing is downloaded: the model comes from a local directory (``backbone.model_path``; ``$VARS`` and ``~``
 are expanded) and the Hugging Face offline switches are set before transformers loads anything.

@@ -5,13 +5,19 @@ One record = one user turn (an image and the question) and one assistant turn (t
     prompt     = template([user], add_generation_prompt=True)           what generation sees
     completion = template([user, assistant])[len(prompt):]             the answer as the template writes it
 
-The completion is cut after its first stop token (``<|im_end|>``, ``<end_of_utterance>``, ...), and the eos
-token is appended when the template writes none (LLaVA-1.5's ends the answer with a space), so the labels are
-exactly "answer + eos". The completion is tokenized jointly with the prompt text when that keeps the prompt's
-tokens unchanged (what a user's fine-tuning sees), else on its own. Rows are right-padded for training and
-left-padded for generation.
+Where the full conversation does not extend the prompt (LLaVA-OneVision's template opens the assistant turn
+with "assistant \n" after a user turn but its generation prompt with "assistant\n"), the completion is the
+answer as the template writes it to the end of the turn. It is cut after its first stop token (``<|im_end|>``,
+``<end_of_utterance>``, ``<end_of_turn>``, ...), and the eos token is appended when the template writes none
+(LLaVA-1.5's ends the answer with a space), so the labels are exactly "answer + end-of-turn". The completion is
+tokenized jointly with the prompt text when that keeps the prompt's tokens unchanged (what a user's fine-tuning
+sees), else on its own. A template that writes the bos itself (Gemma 3, Idefics3) has its prompts tokenized
+without the tokenizer's special tokens (``writes_bos``), as transformers' own ``apply_chat_template`` does, so
+that no second bos follows. Rows are right-padded for training and left-padded for generation.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -55,7 +61,16 @@ class ChatFormat:
         """The assistant turn as the template writes it after the generation prompt (trailing space cut)."""
         prompt = self.prompt(question)
         full = self._apply([_user(question), _assistant(answer)], add_generation_prompt=False, tokenize=False)
-        return (full[len(prompt):] if full.startswith(prompt) else answer).rstrip()
+        if full.startswith(prompt):
+            return full[len(prompt):].rstrip()
+        # the assistant turn's header differs from the generation prompt's: from the answer to the turn's end
+        at = full.find(answer, len(os.path.commonprefix([prompt, full]))) if answer else -1
+        return (full[at:] if at >= 0 else answer).rstrip()
+
+    def writes_bos(self, prompt: str) -> bool:
+        """Whether the template wrote the bos token at the start of ``prompt`` (then the tokenizer must not)."""
+        bos = self.tokenizer.bos_token
+        return bool(bos) and prompt.startswith(bos)
 
     def completion_ids(self, question: str, answer: str) -> list[int]:
         """Token ids of ``answer`` + one stop token (labels: exactly these)."""

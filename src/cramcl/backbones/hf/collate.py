@@ -32,8 +32,11 @@ class HFCollator:
     def encode_prompts(self, records: list[Record]) -> dict:
         images = [open_rgb(r.image) for r in records]
         prompts = [self.chat.prompt(r.question) for r in records]
+        kwargs = dict(self.processor_kwargs)
+        if all(self.chat.writes_bos(p) for p in prompts):
+            kwargs.setdefault("add_special_tokens", False)
         return self.processor(text=prompts, images=[[im] for im in images], padding=True, return_tensors="pt",
-                              **self.processor_kwargs)
+                              **kwargs)
 
     def __call__(self, records: list[Record], train: bool) -> dict:
         enc = self.encode_prompts(records)

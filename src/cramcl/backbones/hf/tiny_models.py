@@ -1,12 +1,12 @@
 """Tiny random-weight image-text-to-text models of real transformers architectures, built offline.
 
 Each builder makes a model from its config alone (no weights are downloaded), a byte-level BPE tokenizer
-trained in milliseconds on a small corpus (so any text round-trips), the architecture's own image processor
-at a small size, and the processor with a chat template in the architecture's prompt format; everything is
-written with ``save_pretrained`` so :class:`~cramcl.backbones.hf.backbone.HFBackbone` loads it by path,
-exactly as it loads a user's real checkpoint. Tests and benchmarks use them to prove the real-model path.
+(:mod:`cramcl.backbones.hf.tiny_tokenizers`: the architecture's special tokens and chat template), the
+architecture's own image processor at a small size and its processor; everything is written with
+``save_pretrained`` so :class:`~cramcl.backbones.hf.backbone.HFBackbone` loads it by path, exactly as it loads
+a user's real checkpoint. Tests and benchmarks use them to prove the real-model path.
 
-    build_tiny_model("llava", "/tmp/tiny-llava")   # also: qwen2_vl, idefics3, internvl
+    build_tiny_model("llava", "/tmp/tiny-llava")   # or any other name of ARCHITECTURES
 """
 from __future__ import annotations
 
@@ -16,80 +16,29 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig
 from transformers.utils import is_torchvision_available
 
 from cramcl.backbones.hf.backbone import image_only_processor
+from cramcl.backbones.hf.tiny_tokenizers import TEMPLATES, build_tokenizer, generation_stop_ids
 
-ARCHITECTURES = ("llava", "qwen2_vl", "idefics3", "internvl")
-IMAGE_SIZE = 32  # pixels; every builder gives 16 image tokens per image at this size
+__all__ = ["ARCHITECTURES", "IMAGE_SIZE", "IMAGE_TOKENS", "ONEVISION_IMAGE_TOKENS", "build_tiny_clip",
+           "build_tiny_model", "build_tokenizer", "save_processor"]
+
+ARCHITECTURES = ("llava", "qwen2_vl", "idefics3", "internvl", "qwen2_5_vl", "llava_onevision", "gemma3")
+IMAGE_SIZE = 32  # pixels; every builder but llava_onevision gives 16 image tokens per image at this size
 IMAGE_TOKENS = 16
-
-_CORPUS = [  # tokenizer training text; byte-level BPE round-trips any other text too
-    "USER: ASSISTANT: User: Assistant: user assistant system",
-    "What shape is in the image? circle square triangle star",
-    "What colour is the shape? red green blue yellow black white",
-    "How many dots are there? one two three four five 1 2 3 4 5",
-    "Is there a circle in the image? yes no. Answer with one word.",
-    "Read the text in the image. Describe the image in a sentence.",
-]
-
-# Chat templates, one per architecture's prompt format (content: a list of {"type": "image"|"text"} parts).
-_PARTS = ("{% for c in m['content'] %}{% if c['type'] == 'image' %}IMG{% endif %}{% endfor %}"
-          "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}")
-_TEMPLATES = {
-    # LLaVA-1.5: "USER: <image>\n{question} ASSISTANT: {answer}</s>"
-    "llava": ("{% for m in messages %}{% if m['role'] == 'user' %}USER: " + _PARTS.replace("IMG", "<image>\n")
-              + " {% else %}ASSISTANT: " + _PARTS.replace("IMG", "") + "</s>{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}ASSISTANT:{% endif %}"),
-    # Qwen2-VL: ChatML with <|vision_start|><|image_pad|><|vision_end|>
-    "qwen2_vl": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                 + _PARTS.replace("IMG", "<|vision_start|><|image_pad|><|vision_end|>")
-                 + "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
-    # Idefics3 / SmolVLM: "<|begin_of_text|>User:<image>{question}<end_of_utterance>\nAssistant: {answer}..."
-    "idefics3": ("<|begin_of_text|>{% for m in messages %}{% if m['role'] == 'user' %}User:"
-                 + _PARTS.replace("IMG", "<image>") + "{% else %}Assistant: " + _PARTS.replace("IMG", "")
-                 + "{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"),
-    # InternVL (HF-native): ChatML with <IMG_CONTEXT> expanded by the processor to <img>...</img>
-    "internvl": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n" + _PARTS.replace("IMG", "<IMG_CONTEXT>\n")
-                 + "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
-}
-_SPECIAL = {  # (specials in vocabulary order, bos, eos, pad, extra attributes for the tokenizer)
-    "llava": (["<pad>", "<s>", "</s>", "<image>"], "<s>", "</s>", "<pad>", {"image_token": "<image>"}),
-    "qwen2_vl": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"], None, "<|im_end|>", "<|endoftext|>",
-                 {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}),
-    "idefics3": (["<|end_of_text|>", "<|begin_of_text|>", "<end_of_utterance>", "<fake_token_around_image>",
-                  "<image>", "<global-img>"], "<|begin_of_text|>", "<end_of_utterance>", "<|end_of_text|>", {}),
-    "internvl": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
-                 None, "<|im_end|>", "<|endoftext|>",
-                 {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-                  "video_token": "<video>"}),
-}
-
-
-def build_tokenizer(arch: str, corpus: list[str] = (), vocab_size: int = 384):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with the architecture's special tokens and chat template."""
-    specials, bos, eos, pad, extra = _SPECIAL[arch]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([*_CORPUS, *corpus] * 4, trainer)
-    kwargs = {"bos_token": bos} if bos else {}
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad,
-                                  extra_special_tokens=extra or None, chat_template=_TEMPLATES[arch], **kwargs)
-    out.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (bos, eos, pad)]})
-    return out
+# llava_onevision (anyres): 16 base tokens + the best grid of 32 px tiles (one per pinpoint cell), 4 x 4 tokens
+# a tile plus one newline token a row; by square image side: 32 px -> 1 tile, 48 px -> a 2 x 2 grid
+ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+ONEVISION_IMAGE_TOKENS = {32: 16 + 4 * 5, 48: 16 + 8 * 9}
 
 
 def _text_config(kind: str, tok, hidden: int, layers: int, heads: int, **extra) -> dict:
     ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
-    return dict(model_type=kind, vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                max_position_embeddings=512, tie_word_embeddings=False, **ids, **extra)
+    return {**dict(model_type=kind, vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                   max_position_embeddings=512, tie_word_embeddings=False, **ids), **extra}
 
 
 def _video_processor(name: str, **kwargs):
@@ -101,63 +50,144 @@ def _processor(cls, video, **parts):
     return cls(video_processor=video, **parts) if video is not None else image_only_processor(cls, **parts)
 
 
-def _build(arch: str, tok, hidden: int, layers: int):
-    """(model, processor) for ``arch`` with a ``hidden``-wide LLM of ``layers`` layers."""
-    heads = 4
+def _qwen_rope(hidden: int, heads: int) -> dict:
+    """mrope sections (temporal, height, width) that sum to half the head dimension."""
+    half = hidden // heads // 2
+    t = half // 4
+    h = (half - t) // 2
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [t, h, half - t - h]}
+
+
+def _qwen_vision_ids(tid) -> dict:
+    return dict(image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+                vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+
+
+def _qwen_processor(cls, arch: str, tok):
+    """32x32 px at patch 4 -> 8x8 patches, merged 2x2 -> 16 tokens (Qwen2-VL's and Qwen2.5-VL's processor)."""
+    S = IMAGE_SIZE
+    sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=S * S, max_pixels=S * S)
+    video = _video_processor("Qwen2VLVideoProcessor", **sizes)
+    return _processor(cls, video, image_processor=tf.Qwen2VLImageProcessor(**sizes), tokenizer=tok,
+                      chat_template=TEMPLATES[arch])
+
+
+def _llava(tok, hidden, layers, heads):  # CLIP 32 px / patch 8 -> 16 patches + CLS; "default" drops the CLS
+    S = IMAGE_SIZE
+    config = tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=S, patch_size=8),
+        text_config=_text_config("llama", tok, hidden, layers, heads),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=IMAGE_TOKENS)
+    ip = tf.CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+    proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
+                             vision_feature_select_strategy="default", chat_template=TEMPLATES["llava"])
+    return tf.LlavaForConditionalGeneration(config), proc
+
+
+def _qwen2_vl(tok, hidden, layers, heads):
+    config = tf.Qwen2VLConfig(
+        text_config=_text_config("qwen2_vl_text", tok, hidden, layers, heads,
+                                 rope_parameters=_qwen_rope(hidden, heads)),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        **_qwen_vision_ids(tok.convert_tokens_to_ids))
+    return tf.Qwen2VLForConditionalGeneration(config), _qwen_processor(tf.Qwen2VLProcessor, "qwen2_vl", tok)
+
+
+def _qwen2_5_vl(tok, hidden, layers, heads):
+    # window attention over 2x2 merged tokens (window 16 px at patch 4, merge 2) in block 0, full in block 1
+    config = tf.Qwen2_5_VLConfig(
+        text_config=_text_config("qwen2_5_vl_text", tok, hidden, layers, heads,
+                                 rope_parameters=_qwen_rope(hidden, heads)),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[1]),
+        **_qwen_vision_ids(tok.convert_tokens_to_ids))
+    return tf.Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(tf.Qwen2_5_VLProcessor, "qwen2_5_vl", tok)
+
+
+def _idefics3(tok, hidden, layers, heads):  # 32 px / patch 4 -> 64 patches, pixel shuffle by 2 -> 16 tokens
+    S = IMAGE_SIZE
+    config = tf.Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=S, patch_size=4),
+        text_config=_text_config("llama", tok, hidden, layers, heads), scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"))
+    ip = tf.Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": S},
+                                   max_image_size={"longest_edge": S})
+    proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=IMAGE_TOKENS,
+                                chat_template=TEMPLATES["idefics3"])
+    return tf.Idefics3ForConditionalGeneration(config), proc
+
+
+def _internvl(tok, hidden, layers, heads):  # 32 px / patch 4 -> 64 patches, pixel shuffle 0.5 -> 16 tokens
+    S = IMAGE_SIZE
+    config = tf.InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=[S, S], patch_size=[4, 4]),
+        text_config=_text_config("qwen2", tok, hidden, layers, heads),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=IMAGE_TOKENS,
+        downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        tie_word_embeddings=False)
+    ip = tf.GotOcr2ImageProcessor(size={"height": S, "width": S}, max_patches=1)
+    video = _video_processor("InternVLVideoProcessor", size={"height": S, "width": S})
+    proc = _processor(tf.InternVLProcessor, video, image_processor=ip, tokenizer=tok,
+                      image_seq_length=IMAGE_TOKENS, chat_template=TEMPLATES["internvl"])
+    return tf.InternVLForConditionalGeneration(config), proc
+
+
+def _llava_onevision(tok, hidden, layers, heads):
+    # SigLIP 32 px / patch 8 -> 16 tokens a tile (no CLS: strategy "full"); anyres tiles as the checkpoints do
     S = IMAGE_SIZE
     tid = tok.convert_tokens_to_ids
-    if arch == "llava":  # CLIP 32 px / patch 8 -> 16 patches + CLS; the "default" strategy drops the CLS
-        config = tf.LlavaConfig(
-            vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=2, image_size=S, patch_size=8),
-            text_config=_text_config("llama", tok, hidden, layers, heads), image_token_index=tid("<image>"),
-            vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=IMAGE_TOKENS)
-        ip = tf.CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
-        proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
-                                 vision_feature_select_strategy="default", chat_template=_TEMPLATES[arch])
-        return tf.LlavaForConditionalGeneration(config), proc
-    if arch == "qwen2_vl":  # 32x32 at patch 4 -> 8x8 patches, merged 2x2 -> 16 tokens; mrope sums to head_dim/2
-        half = hidden // heads // 2
-        t = half // 4
-        h = (half - t) // 2
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [t, h, half - t - h]}
-        config = tf.Qwen2VLConfig(
-            text_config=_text_config("qwen2_vl_text", tok, hidden, layers, heads, rope_parameters=rope),
-            vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=4,
-                               spatial_merge_size=2, temporal_patch_size=2),
-            image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-            vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-        ip = tf.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                      min_pixels=S * S, max_pixels=S * S)
-        video = _video_processor("Qwen2VLVideoProcessor", patch_size=4, merge_size=2, temporal_patch_size=2,
-                                 min_pixels=S * S, max_pixels=S * S)
-        proc = _processor(tf.Qwen2VLProcessor, video, image_processor=ip, tokenizer=tok,
-                          chat_template=_TEMPLATES[arch])
-        return tf.Qwen2VLForConditionalGeneration(config), proc
-    if arch == "idefics3":  # 32 px / patch 4 -> 64 patches, pixel shuffle by 2 -> 16 tokens
-        config = tf.Idefics3Config(
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=S, patch_size=4),
-            text_config=_text_config("llama", tok, hidden, layers, heads), scale_factor=2,
-            image_token_id=tid("<image>"))
-        ip = tf.Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": S},
-                                       max_image_size={"longest_edge": S})
-        proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=IMAGE_TOKENS,
-                                    chat_template=_TEMPLATES[arch])
-        return tf.Idefics3ForConditionalGeneration(config), proc
-    if arch == "internvl":  # 32 px / patch 4 -> 64 patches, pixel shuffle 0.5 -> 16 tokens
-        config = tf.InternVLConfig(
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               image_size=[S, S], patch_size=[4, 4]),
-            text_config=_text_config("qwen2", tok, hidden, layers, heads), image_token_id=tid("<IMG_CONTEXT>"),
-            image_seq_length=IMAGE_TOKENS, downsample_ratio=0.5, vision_feature_layer=-1,
-            vision_feature_select_strategy="default", tie_word_embeddings=False)
-        ip = tf.GotOcr2ImageProcessor(size={"height": S, "width": S}, max_patches=1)
-        video = _video_processor("InternVLVideoProcessor", size={"height": S, "width": S})
-        proc = _processor(tf.InternVLProcessor, video, image_processor=ip, tokenizer=tok,
-                          image_seq_length=IMAGE_TOKENS, chat_template=_TEMPLATES[arch])
-        return tf.InternVLForConditionalGeneration(config), proc
-    raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
+    config = tf.LlavaOnevisionConfig(
+        vision_config=tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=S, patch_size=8),
+        text_config=_text_config("qwen2", tok, hidden, layers, heads), image_token_index=tid("<image>"),
+        video_token_index=tid("<video>"), vision_feature_select_strategy="full", vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=ONEVISION_PINPOINTS)
+    ip = tf.LlavaOnevisionImageProcessor(size={"height": S, "width": S}, image_grid_pinpoints=ONEVISION_PINPOINTS)
+    video = _video_processor("LlavaOnevisionVideoProcessor", size={"height": S, "width": S})
+    proc = _processor(tf.LlavaOnevisionProcessor, video, image_processor=ip, tokenizer=tok,
+                      num_image_tokens=IMAGE_TOKENS, vision_feature_select_strategy="full",
+                      vision_aspect_ratio="anyres_max_9", chat_template=TEMPLATES["llava_onevision"])
+    return tf.LlavaOnevisionForConditionalGeneration(config), proc
+
+
+def _gemma3(tok, hidden, layers, heads):
+    # SigLIP 32 px / patch 4 -> 8x8 patches, average-pooled to 4x4 = 16 tokens; sliding-window and global
+    # layers alternate, with a window shorter than a training row so that the sliding mask is exercised
+    S = IMAGE_SIZE
+    tid = tok.convert_tokens_to_ids
+    kinds = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    text = _text_config("gemma3_text", tok, hidden, layers, heads, head_dim=hidden // heads,
+                        query_pre_attn_scalar=hidden // heads, sliding_window=24, layer_types=kinds,
+                        tie_word_embeddings=True)
+    config = tf.Gemma3Config(
+        vision_config=tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=S, patch_size=4),
+        text_config=text, mm_tokens_per_image=IMAGE_TOKENS, image_token_index=tid("<image_soft_token>"),
+        boi_token_index=tid("<start_of_image>"), eoi_token_index=tid("<end_of_image>"))
+    ip = tf.Gemma3ImageProcessor(size={"height": S, "width": S}, do_pan_and_scan=False)
+    proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=IMAGE_TOKENS,
+                              chat_template=TEMPLATES["gemma3"])
+    model = tf.Gemma3ForConditionalGeneration(config)
+    # transformers initialises the projector's matrix to zeros (every image would look the same): random here
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
+    return model, proc
+
+
+_BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "idefics3": _idefics3,
+             "internvl": _internvl, "llava_onevision": _llava_onevision, "gemma3": _gemma3}
+
+
+def _build(arch: str, tok, hidden: int, layers: int):
+    """(model, processor) for ``arch`` with a ``hidden``-wide LLM of ``layers`` layers (4 heads)."""
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown tiny architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
+    return _BUILDERS[arch](tok, hidden, layers, 4)
 
 
 def build_tiny_model(arch: str, out_dir: str | Path, *, hidden: int = 64, layers: int = 2, seed: int = 0,
@@ -173,8 +203,10 @@ def build_tiny_model(arch: str, out_dir: str | Path, *, hidden: int = 64, layers
     torch.manual_seed(seed)
     tok = build_tokenizer(arch, list(corpus))
     model, processor = _build(arch, tok, hidden, layers)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                               bos_token_id=tok.bos_token_id, do_sample=False)
+    stops = generation_stop_ids(arch, tok)
+    model.generation_config = GenerationConfig(eos_token_id=stops if len(stops) > 1 else stops[0],
+                                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                               do_sample=False)
     out.mkdir(parents=True, exist_ok=True)
     save_processor(processor, out)
     model.save_pretrained(out)
