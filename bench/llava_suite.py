@@ -125,7 +125,7 @@ class Adapters:
         for g in groups.unique().tolist():
             experts = [k for k, gr in enumerate(self.group) if gr == g]
             rows = (groups == g).nonzero(as_tuple=True)[0]
-            w = group_layer_weights(q[to_device(rows, q.device)], cents[:, experts], 0.25, "per_sample", None, "gap")
+            w = group_layer_weights(q[to_device(rows, q.device)], cents[:, experts], 0.25, "per_sample", "gap")
             per_group[g] = (rows, w, experts)
         self.ctx.active = tuple(k for k, gr in enumerate(self.group) if gr in per_group)
         return scatter_group_weights(per_group, q.shape[0], len(self.group), cents.shape[0])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from cramcl.methods.base import Method
+
 torch.set_num_threads(1)
 
 FORMAT_SHAPE = "What shape is drawn in the picture?"
@@ -265,7 +267,17 @@ def penalty_probe(s, records_mixed):
         try:
             m.prepare_batch(batch, train=True)
             with torch.no_grad():
-                _, aux = m.compute_loss(model, batch)
+                total, aux = m.compute_loss(model, batch)
+                # the same batch's language-model loss alone, and the total at three times lambda (the model is in
+                # eval mode: no dropout, so the forward passes are identical)
+                rec["loss_lm"] = float(Method.compute_loss(m, model, batch)[0])
+                lam = m.cfg.lambda_orth
+                m.cfg.lambda_orth = 3 * lam
+                try:
+                    rec["loss_total_3x"] = float(m.compute_loss(model, batch)[0])
+                finally:
+                    m.cfg.lambda_orth = lam
+                rec["loss_total"] = float(total)
         finally:
             for h in hooks:
                 h.remove()

@@ -137,6 +137,17 @@ def test_orthogonality_penalty_equals_hand_computation(stream):
     assert got == pytest.approx(rec["orth_expected"], rel=1e-4, abs=1e-12)
 
 
+def test_the_penalty_reaches_the_loss_scaled_by_lambda(stream):
+    """The training loss is the LM loss plus exactly lambda times the penalty (a penalty computed and reported
+    but not added, or added without lambda, fails here): total - LM == the hand-computed lambda * L_orth, and at
+    three times lambda the difference triples."""
+    s, recs = stream
+    rec = recs[2]
+    added = rec["loss_total"] - rec["loss_lm"]
+    assert added == pytest.approx(rec["orth_expected"], rel=1e-3, abs=1e-9)
+    assert rec["loss_total_3x"] - rec["loss_lm"] == pytest.approx(3 * added, rel=1e-3, abs=1e-9)
+
+
 def test_no_penalty_without_same_group_history(stream):
     """Task 1 opens its own group: no earlier expert in it, so no orthogonality term."""
     s, recs = stream

@@ -75,3 +75,33 @@ def test_format_matrix():
     assert format_matrix(MATRIX, "csv").splitlines() == [
         "after,shape,color,count", "shape,80.0,,", "color,75.25,90.0,", "count,70.0,85.5,95.0"]
     assert json.loads(format_matrix(MATRIX, "json")) == MATRIX
+
+
+def test_size_variants_of_one_method_are_joined_into_one_frontier_line(tmp_path):
+    """oracle-lora at three ranks is one line (sorted by size); an ablation variant of a method is its own point."""
+    from cramcl.report import compare_plots
+
+    assert compare_plots.size_family("oracle-lora:rank=4:alpha=8") == ("oracle-lora", "rank=4:alpha=8")
+    assert compare_plots.size_family("cram:sigma=1.0:rank=2") == ("cram:sigma=1.0", "rank=2")
+    assert compare_plots.size_family("mtl") == ("mtl", "")
+    drawn = []
+    real = compare_plots.Figure
+
+    class Recording(real):
+        def add_subplot(self, *a, **k):
+            ax = super().add_subplot(*a, **k)
+            original = ax.errorbar
+            ax.errorbar = lambda xs, ys, **kw: drawn.append((list(xs), list(ys), kw.get("label"))) or original(xs, ys, **kw)
+            return ax
+
+    compare_plots.Figure = Recording
+    try:
+        rows = [{"method": "oracle-lora", "MFN": 89.0, "stored_params": 400, "std": {"MFN": 0.2}},
+                {"method": "oracle-lora:rank=1:alpha=2", "MFN": 80.0, "stored_params": 50},
+                {"method": "oracle-lora:rank=4:alpha=8", "MFN": 86.0, "stored_params": 200},
+                {"method": "cram:sigma=1.0", "MFN": 88.0, "stored_params": 300}]
+        assert compare_plots.plot_mfn_vs_params(rows, tmp_path / "f.png").stat().st_size > 0
+    finally:
+        compare_plots.Figure = real
+    assert ([50, 200, 400], [80.0, 86.0, 89.0], "oracle-lora") in drawn
+    assert ([300], [88.0], None) in drawn

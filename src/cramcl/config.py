@@ -33,6 +33,7 @@ class DataConfig:
     builtin_n_train: int = 800  # records per task in the generated built-in stream
     builtin_n_test: int = 200
     builtin_seed: int = 0
+    builtin_stream: str = "main"  # main (11 tasks, 5 formats) | related (tasks that share skills; docs/cram.md)
     validate_images: bool = True  # decode every image of every task before the run directory is made
     tasks: list[str] | None = None  # a subset of task names, in stream order
     max_train_per_task: int | None = None

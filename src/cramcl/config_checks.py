@@ -12,7 +12,7 @@ from cramcl.methods.registry import method_config_class
 SHIPPED_BASE = "builtin"
 
 CHOICES = {("train", "scheduler"): ("cosine", "constant"), ("train", "eval_batches"): ("mixed", "per_task"),
-           ("train", "nonfinite"): ("stop", "skip"),
+           ("train", "nonfinite"): ("stop", "skip"), ("data", "builtin_stream"): ("main", "related"),
            ("train", "mixed_precision"): ("no", "bf16", "fp16")}
 
 

@@ -13,9 +13,13 @@ from cramcl.errors import BadInputError
 from cramcl.utils.progress import bar as progress_bar
 
 
-def builtin_benchmark_path(cfg: DataConfig) -> Path:
-    out = cache_root() / "builtin" / f"seed{cfg.builtin_seed}-train{cfg.builtin_n_train}-test{cfg.builtin_n_test}"
-    return generate_builtin(out, seed=cfg.builtin_seed, n_train=cfg.builtin_n_train, n_test=cfg.builtin_n_test)
+def builtin_benchmark_path(cfg: DataConfig, stream: str | None = None) -> Path:
+    """The generated built-in stream ``stream`` (default: ``data.builtin_stream``) at the config's sizes."""
+    stream = stream or cfg.builtin_stream
+    name = "builtin" if stream == "main" else f"builtin-{stream}"
+    out = cache_root() / name / f"seed{cfg.builtin_seed}-train{cfg.builtin_n_train}-test{cfg.builtin_n_test}"
+    return generate_builtin(out, seed=cfg.builtin_seed, n_train=cfg.builtin_n_train, n_test=cfg.builtin_n_test,
+                            stream=stream)
 
 
 def load_stream(cfg: DataConfig) -> Benchmark:
@@ -58,8 +62,8 @@ def check_stream_images(bench: Benchmark) -> None:
 
 def base_corpora(bench: Benchmark, cfg: DataConfig) -> tuple[list[Record], list[Record]]:
     """(main, first): the tiny backbone's base-stage records, from the benchmark's own `pretrain:` (and
-    `pretrain_first:`) files, else the built-in stream's. ``first`` is empty without a `pretrain_first:` file."""
-    source = bench if bench.pretrain_file is not None else load_benchmark(builtin_benchmark_path(cfg))
+    `pretrain_first:`) files, else the main built-in stream's. ``first`` is empty without a `pretrain_first:` file."""
+    source = bench if bench.pretrain_file is not None else load_benchmark(builtin_benchmark_path(cfg, "main"))
     corpora = []
     for path in (source.pretrain_file, source.pretrain_first_file):
         records, problems = read_records(path, source.image_root) if path is not None else ([], [])

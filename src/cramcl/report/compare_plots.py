@@ -9,22 +9,46 @@ from matplotlib.figure import Figure
 from cramcl.report.plots import _as_array, _save, _viridis_with_grey
 
 
-def plot_mfn_vs_params(rows: list[dict], path: Path) -> Path:
-    """rows: {"method", "MFN", "stored_params"} per method; x on a log scale."""
-    fig = Figure(figsize=(6.5, 4.5))
+#: settings that only size a method: variants differing in these alone are one method at several sizes
+SIZE_SETTINGS = ("rank", "alpha")
+
+
+def size_family(spec: str) -> tuple[str, str]:
+    """(the method spec without its size settings, the size settings): ``oracle-lora:rank=4:alpha=8`` ->
+    ("oracle-lora", "rank=4:alpha=8")."""
+    name, *settings = spec.split(":")
+    sizes = [s for s in settings if s.split("=", 1)[0] in SIZE_SETTINGS]
+    return ":".join([name, *(s for s in settings if s not in sizes)]), ":".join(sizes)
+
+
+def plot_mfn_vs_params(rows: list[dict], path: Path, title: str = "Final score against stored parameters") -> Path:
+    """rows: {"method", "MFN", "stored_params", "std"?} per method; x on a log scale. Variants of one method that
+    differ only in their size settings (rank, alpha) are joined by a line, sorted by size: that method's
+    parameter-quality frontier."""
+    fig = Figure(figsize=(7, 4.8))
     ax = fig.add_subplot()
+    families: dict[str, list[dict]] = {}
     for r in rows:
-        if r["MFN"] is None:
-            continue
-        x = max(1, r["stored_params"])
-        std = (r.get("std") or {}).get("MFN")
-        ax.errorbar([x], [r["MFN"]], yerr=None if std is None else [std], fmt="o", capsize=3)
-        ax.annotate(r["method"], (x, r["MFN"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if r["MFN"] is not None:
+            families.setdefault(size_family(r["method"])[0], []).append(r)
+    for family, members in families.items():
+        members = sorted(members, key=lambda r: r["stored_params"])
+        xs = [max(1, r["stored_params"]) for r in members]
+        ys = [r["MFN"] for r in members]
+        stds = [(r.get("std") or {}).get("MFN") or 0.0 for r in members]
+        joined = len(members) > 1
+        line = ax.errorbar(xs, ys, yerr=stds, fmt="o-" if joined else "o", capsize=3, label=family if joined else None)
+        for r, x, y in zip(members, xs, ys):
+            label = (size_family(r["method"])[1] or "default size").replace(":alpha=", ",a") if joined else r["method"]
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=line[0].get_color())
     ax.set_xscale("log")
     ax.set_xlabel("stored adapter parameters (log)")
     ax.set_ylabel("MFN (final mean score)")
-    ax.set_title("Final score against stored parameters")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
+    if any(len(m) > 1 for m in families.values()):
+        ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 

@@ -66,7 +66,7 @@ from typing import Callable
 
 import numpy as np
 
-from cramcl.data.builtin import choice, corner, digits, easyvqa, ocr, patches, questions, reading, scenes
+from cramcl.data.builtin import choice, corner, digits, easyvqa, ocr, patches, questions, reading, related, scenes
 from cramcl.data.builtin._common import Sample, pixel_hash
 from cramcl.errors import BadInputError
 
@@ -113,6 +113,35 @@ TASK_INFO: tuple[BuiltinTask, ...] = (
 )
 #: Task names of the built-in stream, in training order.
 BUILTIN_TASKS: tuple[str, ...] = tuple(t.name for t in TASK_INFO)
+
+#: The related-skills stream (:mod:`.related`): no base corpus of its own (the shipped base sees its domains).
+RELATED_TASK_INFO: tuple[BuiltinTask, ...] = (
+    BuiltinTask("digits", "number", "exact", "digits", digits.make_digits, 0.0),
+    BuiltinTask("colour", "name", "exact", "blobs", patches.make_colour, 0.0),
+    BuiltinTask("corner", "corner", "exact", "corner-shapes", corner.make_corner, 0.0),
+    BuiltinTask("colour-three", "name", "exact", "blobs", related.make_colour_three, 0.0),
+    BuiltinTask("corner-where", "corner", "exact", "corner-shapes", related.corner_where(2), 0.0),
+    BuiltinTask("shape-colour", "name", "exact", "colour-shapes", related.make_shape_colour, 0.0),
+    BuiltinTask("count", "number", "exact", "dot-scenes", scenes.make_count, 0.0),
+)
+
+
+@dataclass(frozen=True)
+class BuiltinStream:
+    """A generated stream: its manifest version, its benchmark name, its tasks and whether it writes the base
+    corpus (``pretrain.jsonl`` / ``reading.jsonl``)."""
+
+    version: str
+    name: str
+    tasks: tuple[BuiltinTask, ...]
+    corpus: bool
+
+
+#: ``data.builtin_stream`` -> the stream it generates; ``main`` is the default one.
+BUILTIN_STREAMS: dict[str, BuiltinStream] = {
+    "main": BuiltinStream(BUILTIN_VERSION, "cramcl-builtin", TASK_INFO, corpus=True),
+    "related": BuiltinStream("cramcl-builtin-related/1", "cramcl-builtin-related", RELATED_TASK_INFO, corpus=False),
+}
 
 
 def _save_images(image_root: Path, folder: str, prefix: str, samples: list[Sample]) -> list[str]:
@@ -209,9 +238,11 @@ def write_tasks(root: Path, tasks: list[tuple[int, BuiltinTask]], params: dict) 
     return test_hashes
 
 
-def write_yaml(root: Path, header: str, name: str, tasks: list[BuiltinTask], first: bool = False) -> Path:
-    """``first``: name ``reading.jsonl`` as the benchmark's ``pretrain_first`` corpus."""
-    lines = [f"# {header}", f"name: {name}", "image_root: images", "pretrain: pretrain.jsonl"]
+def write_yaml(root: Path, header: str, name: str, tasks: list[BuiltinTask], first: bool = False,
+               corpus: bool = True) -> Path:
+    """``first``: name ``reading.jsonl`` as the benchmark's ``pretrain_first`` corpus; ``corpus``: name
+    ``pretrain.jsonl`` as its base corpus."""
+    lines = [f"# {header}", f"name: {name}", "image_root: images"] + (["pretrain: pretrain.jsonl"] if corpus else [])
     lines += ["pretrain_first: reading.jsonl"] if first else []
     lines += ["tasks:"]
     for task in tasks:
@@ -221,11 +252,12 @@ def write_yaml(root: Path, header: str, name: str, tasks: list[BuiltinTask], fir
     return root / "benchmark.yaml"
 
 
-def _generate_into(root: Path, params: dict) -> None:
-    test_hashes = write_tasks(root, list(enumerate(TASK_INFO)), params)
-    _write_pretrain(root, params["seed"], params["n_pretrain"], params["image_size"], test_hashes)
-    write_yaml(root, f"cramcl built-in stream ({BUILTIN_VERSION}; "
-               + ", ".join(f"{k}={v}" for k, v in params.items()) + ")", "cramcl-builtin", list(TASK_INFO), first=True)
+def _generate_into(root: Path, params: dict, stream: BuiltinStream) -> None:
+    test_hashes = write_tasks(root, list(enumerate(stream.tasks)), params)
+    if stream.corpus:
+        _write_pretrain(root, params["seed"], params["n_pretrain"], params["image_size"], test_hashes)
+    write_yaml(root, f"cramcl built-in stream ({stream.version}; " + ", ".join(f"{k}={v}" for k, v in params.items())
+               + ")", stream.name, list(stream.tasks), first=stream.corpus, corpus=stream.corpus)
 
 
 def _read_manifest(out_dir: Path) -> dict | None:
@@ -236,8 +268,9 @@ def _read_manifest(out_dir: Path) -> dict | None:
 
 
 def generate_builtin(out_dir: str | Path, *, seed: int = 0, n_train: int = 800, n_test: int = 200,
-                     image_size: int = 64, n_pretrain: int | None = None) -> Path:
-    """Write the built-in benchmark into ``out_dir`` (if not already there); return its YAML path.
+                     image_size: int = 64, n_pretrain: int | None = None, stream: str = "main") -> Path:
+    """Write the built-in benchmark ``stream`` (a name in :data:`BUILTIN_STREAMS`) into ``out_dir`` (if not
+    already there); return its YAML path.
 
     ``n_train`` / ``n_test`` are per task (digits caps them at its pool: 1,438 / 359; easy-VQA at
     its images). ``image_size`` applies to generated images; easy-VQA's are kept at their 64 px.
@@ -249,13 +282,17 @@ def generate_builtin(out_dir: str | Path, *, seed: int = 0, n_train: int = 800, 
            for k, v, lo in (("seed", seed, 0), ("n_train", n_train, 1), ("n_test", n_test, 1),
                             ("image_size", image_size, 16), ("n_pretrain", n_pretrain, 1))
            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo)]
+    if stream not in BUILTIN_STREAMS:
+        bad.append(f"generate_builtin: stream {stream!r} is not one of {', '.join(BUILTIN_STREAMS)}")
     if bad:
         raise BadInputError(bad)
+    spec = BUILTIN_STREAMS[stream]
     if n_pretrain is None:
         n_pretrain = max(50, round(n_train * 1650 / 800))
-    params = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size,
-              "n_pretrain": n_pretrain}
-    manifest = {"version": BUILTIN_VERSION, "params": params}
+    params = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size}
+    if spec.corpus:
+        params["n_pretrain"] = n_pretrain
+    manifest = {"version": spec.version, "params": params}
     out_dir = Path(out_dir)
     yaml_path = out_dir / "benchmark.yaml"
     existing = _read_manifest(out_dir)
@@ -270,7 +307,7 @@ def generate_builtin(out_dir: str | Path, *, seed: int = 0, n_train: int = 800, 
     old = None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the benchmark is ordinary data
-        _generate_into(tmp, params)
+        _generate_into(tmp, params, spec)
         # The manifest goes last: its presence means the directory is complete.
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n",
                                            encoding="utf-8")
@@ -290,4 +327,5 @@ def generate_builtin(out_dir: str | Path, *, seed: int = 0, n_train: int = 800, 
     return yaml_path
 
 
-__all__ = ["BUILTIN_TASKS", "BUILTIN_VERSION", "TASK_INFO", "BuiltinTask", "generate_builtin"]
+__all__ = ["BUILTIN_STREAMS", "BUILTIN_TASKS", "BUILTIN_VERSION", "RELATED_TASK_INFO", "TASK_INFO", "BuiltinStream",
+           "BuiltinTask", "generate_builtin"]

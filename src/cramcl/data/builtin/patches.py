@@ -22,9 +22,10 @@ def _noise(rng: np.random.Generator, image_size: int, low: int, high: int) -> Im
     return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), mode="RGB")
 
 
-def _blob(rng: np.random.Generator, image_size: int) -> Sample:
-    """An irregular 7-gon of one palette colour (jittered) on grey noise; answer: the colour's name."""
-    name = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
+def _blob(rng: np.random.Generator, image_size: int, names: tuple[str, ...] = COLOUR_NAMES) -> Sample:
+    """An irregular 7-gon of one of ``names``' palette colours (jittered) on grey noise; answer: the colour's
+    name."""
+    name = names[int(rng.integers(len(names)))]
     s = float(image_size)
     im = _noise(rng, image_size, 140, 230)
     cx, cy = (float(v) for v in rng.uniform(0.35 * s, 0.65 * s, size=2))
@@ -55,9 +56,9 @@ def _stripes(rng: np.random.Generator, image_size: int) -> Sample:
 
 
 def make_colour(split: str, n: int, task_seed: tuple[int, int], image_size: int,
-                exclude: set[str]) -> list[Sample]:
-    """Colour-naming records; answer one of the six palette names."""
-    return unique_samples(lambda rng: _blob(rng, image_size), n, split_rng(task_seed, split), exclude)
+                exclude: set[str], names: tuple[str, ...] = COLOUR_NAMES) -> list[Sample]:
+    """Colour-naming records; answer one of ``names`` (default: the six palette names)."""
+    return unique_samples(lambda rng: _blob(rng, image_size, names), n, split_rng(task_seed, split), exclude)
 
 
 def make_stripes(split: str, n: int, task_seed: tuple[int, int], image_size: int,

@@ -215,12 +215,12 @@ class CentroidBank(nn.Module):
         return torch.stack([self.centroids[k] for k in experts], dim=1)
 
 
-def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, oracle: Tensor | None = None,
-                        sigma_units: str = "absolute", scale: Tensor | None = None) -> Tensor:
+def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, sigma_units: str = "absolute",
+                        scale: Tensor | None = None) -> Tensor:
     """Routing weights over one group's experts at every layer.
 
     q: (B, D) image embeddings; centroids: (L, K_g, D) -> (L, B, K_g). ``mode``: per_sample | batch_mean |
-    uniform | oracle (``oracle``: (B,) position of each sample's own expert within the group).
+    uniform (oracle routing overrides these weights where a record's own expert is known: method.py).
     ``sigma_units``: "absolute" -- sigma in the embedding's units (the paper's); "gap" -- sigma relative to
     the layer's closest pair of centroids in the group (``sigma_eff^2 = sigma^2 * centroid_gap``), so that
     the sharpness between two domains does not depend on how far apart the embedding happens to put them.
@@ -233,9 +233,6 @@ def group_layer_weights(q: Tensor, centroids: Tensor, sigma: float, mode: str, o
     B = q.shape[0]
     if mode == "uniform":
         return uniform_routing_weights(B, K, device=q.device).unsqueeze(0).expand(L, B, K)
-    if mode == "oracle":
-        one_hot = torch.nn.functional.one_hot(oracle, K).float()
-        return one_hot.unsqueeze(0).expand(L, B, K)
     if scale is not None:
         q, centroids = q * scale.to(q.dtype), centroids * scale.to(centroids.dtype)
     # every layer in one op chain (a (L, B, K, D) difference), not L small chains per batch and per backward

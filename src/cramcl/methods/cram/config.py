@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cramcl.encoders import RoutingEncoderConfig
+from cramcl.methods.cram.consolidation import ALLOC_UNITS
 
 ROUTING_MODES = ("per_sample", "batch_mean", "uniform", "oracle")
 SIGMA_UNITS = ("absolute", "gap")
@@ -19,10 +20,14 @@ class CramConfig(RoutingEncoderConfig):
     r_min: int = 4
     r_max: int = 9  # 9 on UCIT, 10 on TriGap
     tau_alloc: float = 0.08
+    alloc_units: str = "absolute"  # absolute: S > tau_alloc (the paper's) | energy: a share of the update's energy
     tau_novel: float = 0.99
-    fixed_rank: int | None = None  # ablation: every expert gets exactly this rank (no tau_alloc / tau_novel)
+    capability_gap: bool = True  # ablation false: no novelty filter and no projection off the group's history
+    fixed_rank: int | None = None  # ablation "adaptive rank off": every expert gets exactly this rank
     warmup_fraction: float = 0.05
-    no_warmup: bool = False  # ablation: the buffer joins the pool as the task's expert (no consolidation)
+    # ablation: no warm-up, so no buffer to consolidate: a fresh expert (rank fixed_rank, else buffer_rank)
+    # trains for the whole task
+    no_warmup: bool = False
     sigma: float = 0.25
     sigma_units: str = "gap"  # gap: sigma relative to the group's closest centroid pair | absolute (the paper's)
     routing: str = "per_sample"  # per_sample | batch_mean (the authors') | uniform | oracle (analysis only)
@@ -44,6 +49,7 @@ class CramConfig(RoutingEncoderConfig):
         checks = [("sigma", self.sigma > 0, "> 0"), ("r_min", 1 <= self.r_min <= self.r_max, "in [1, r_max]"),
                   ("buffer_rank", self.buffer_rank >= 1, ">= 1"), ("tau_alloc", self.tau_alloc >= 0, ">= 0"),
                   ("tau_novel", 0 <= self.tau_novel <= 1, "in [0, 1]"),
+                  ("alloc_units", self.alloc_units in ALLOC_UNITS, f"one of {', '.join(ALLOC_UNITS)}"),
                   ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"), ("theta", self.theta >= 0, ">= 0"),
                   ("join_threshold", -1 <= self.join_threshold <= 1, "in [-1, 1] (a cosine)"),
                   ("max_groups", self.max_groups >= 1, ">= 1"), ("lambda_orth", self.lambda_orth >= 0, ">= 0"),
@@ -55,6 +61,8 @@ class CramConfig(RoutingEncoderConfig):
                   ("routing_metric", self.routing_metric in ROUTING_METRICS, f"one of {', '.join(ROUTING_METRICS)}"),
                   ("metric_shrinkage", self.metric_shrinkage > 0, "> 0"),
                   ("centroid_lr", self.centroid_lr is None or self.centroid_lr > 0, "null or > 0")]
+        if self.alloc_units == "energy":
+            checks.append(("tau_alloc", 0 < self.tau_alloc <= 1, "in (0, 1] with alloc_units energy (a share)"))
         return [f"{name}: {getattr(self, name)!r} must be {want}" for name, ok, want in checks if not ok]
 
     @property

@@ -76,45 +76,73 @@ def novelty(Vh: Tensor, Q: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------- selection
+ALLOC_UNITS = ("absolute", "energy")
+
+
+def allocation_count(S: Tensor, tau_alloc: float, alloc_units: str = "absolute") -> int:
+    """How many of the strongest directions pass the allocation threshold (before the r_max cap).
+
+    S: (R',) singular values. ``absolute`` (the paper's): directions with S > tau_alloc, a threshold in the
+    update's own units, so what passes depends on the layer width and the learning rate. ``energy``: the fewest
+    strongest directions whose squared singular values hold a share tau_alloc (in (0, 1]) of the update's
+    squared Frobenius norm, a threshold that means the same at any width and lr (docs/cram.md, "Consolidation").
+    """
+    S = S.detach().reshape(-1).double()
+    if alloc_units == "absolute":
+        return int((S > tau_alloc).sum())
+    if alloc_units != "energy":
+        raise ValueError(f"alloc_units must be one of {ALLOC_UNITS}, got {alloc_units!r}")
+    energy = S.sort(descending=True).values.pow(2)
+    total = float(energy.sum())
+    if total <= 0:
+        return 0
+    share = energy.cumsum(0) / total
+    # the first position whose cumulative share reaches tau (tolerant to the last bit of rounding)
+    return min(int((share < tau_alloc - 1e-12).sum()) + 1, int(S.numel()))
+
+
 def select_expert_directions(S: Tensor, novelty: Tensor | None, tau_alloc: float, tau_novel: float,
-                             r_min: int, r_max: int, fixed_rank: int | None = None) -> Tensor:
+                             r_min: int, r_max: int, fixed_rank: int | None = None,
+                             alloc_units: str = "absolute") -> Tensor:
     """Which SVD directions of the buffer become the new expert (docs/cram.md "Consolidation", steps 2-4).
 
-    S: (R',) singular values, novelty: (R',) or None (no earlier experts in the group) ->
-    LongTensor (r,) of kept indices into S, in descending-S order.
-      2. candidates: S > tau_alloc, strongest first, at most r_max; none passes -> the strongest one;
+    S: (R',) singular values, novelty: (R',) or None (no earlier experts in the group, or the capability gap
+    switched off) -> LongTensor (r,) of kept indices into S, in descending-S order.
+      2. candidates: the strongest directions passing tau_alloc (:func:`allocation_count`), at most r_max;
+         none passes -> the strongest one;
       3. with novelty: keep candidates with novelty > tau_novel; none survives -> the strongest
          candidate;
       4. pad with the next strongest directions not yet kept up to r_min; never above r_max nor R'.
-    ``fixed_rank`` (ablation): ignore tau_alloc / tau_novel / r_min / r_max, take the top
-    min(fixed_rank, R') directions.
+    ``fixed_rank`` (ablation "adaptive rank off"): exactly min(fixed_rank, R') directions, whatever tau_alloc,
+    r_min and r_max say; with novelty the novel directions (novelty > tau_novel) come first, strongest first,
+    then the strongest of the others, so the capability gap still picks which directions are kept.
     """
     S = S.detach().reshape(-1)
     n = int(S.shape[0])
     order = torch.argsort(S, descending=True, stable=True).tolist()
     if n == 0:
         return torch.zeros(0, dtype=torch.long)
-    if fixed_rank is not None:
-        if fixed_rank < 1:
-            raise ValueError(f"fixed_rank must be >= 1, got {fixed_rank}")
-        return torch.tensor(order[:min(int(fixed_rank), n)], dtype=torch.long)
-    if r_max < 1:
-        raise ValueError(f"r_max must be >= 1, got {r_max}")
-    cand = [i for i in order if float(S[i]) > tau_alloc][:r_max] or [order[0]]
+    nov = None
     if novelty is not None:
         nov = novelty.detach().reshape(-1)
         if nov.shape[0] != n:
             raise ValueError(f"novelty has {nov.shape[0]} entries, S has {n}")
-        kept = [i for i in cand if float(nov[i]) > tau_novel] or [cand[0]]
-    else:
-        kept = list(cand)
+    rank_of = {i: pos for pos, i in enumerate(order)}
+    if fixed_rank is not None:
+        if fixed_rank < 1:
+            raise ValueError(f"fixed_rank must be >= 1, got {fixed_rank}")
+        novel_first = sorted(order, key=lambda i: (nov is not None and float(nov[i]) <= tau_novel, rank_of[i]))
+        return torch.tensor(sorted(novel_first[:min(int(fixed_rank), n)], key=rank_of.__getitem__), dtype=torch.long)
+    if r_max < 1:
+        raise ValueError(f"r_max must be >= 1, got {r_max}")
+    cand = order[:min(allocation_count(S, tau_alloc, alloc_units), r_max)] or [order[0]]
+    kept = ([i for i in cand if float(nov[i]) > tau_novel] or [cand[0]]) if nov is not None else list(cand)
     target = min(int(r_min), int(r_max), n)
     for i in order:  # padding in S order, among every direction (not only candidates)
         if len(kept) >= target:
             break
         if i not in kept:
             kept.append(i)
-    rank_of = {i: pos for pos, i in enumerate(order)}
     return torch.tensor(sorted(kept, key=rank_of.__getitem__), dtype=torch.long)
 
 
@@ -159,15 +187,16 @@ class ConsolidationResult:
     kept: Tensor  # LongTensor (r,): indices of the kept SVD directions, descending S
     singular_values: Tensor  # (r,): S of the kept directions
     novelty: Tensor | None  # (R',): novelty of every direction, None without history
-    n_candidates: int  # directions with S > tau_alloc (capped at r_max; 1 if none passed)
+    n_candidates: int  # directions passing tau_alloc (capped at r_max; 1 if none passed)
+    spectrum: Tensor | None = None  # (R',): every singular value of the buffer's update, descending
     n_replaced: int = 0  # kept directions that lay inside span(Q) and were replaced (see _project_off)
 
 
 @lapack_on_one_thread  # a rank is a threshold on singular values: the same bits at any thread count
 def consolidate_buffer(B_buf: Tensor, A_buf: Tensor, scale: float, history_As: list[Tensor], *,
                        tau_alloc: float = 0.08, tau_novel: float = 0.99, r_min: int = 4,
-                       r_max: int = 9, fixed_rank: int | None = None,
-                       tol: float = 1e-6) -> ConsolidationResult:
+                       r_max: int = 9, fixed_rank: int | None = None, alloc_units: str = "absolute",
+                       capability_gap: bool = True, tol: float = 1e-6) -> ConsolidationResult:
     """Turn one module's buffer into the task's new expert (docs/cram.md "Consolidation", steps 1-6).
 
     B_buf: (d_out, R), A_buf: (R, d_in), scale = alpha / R; history_As: A's (r_j, d_in) of the
@@ -175,22 +204,22 @@ def consolidate_buffer(B_buf: Tensor, A_buf: Tensor, scale: float, history_As: l
       1. U S Vh = svd(scale * B_buf A_buf);  2-4. pick directions (:func:`select_expert_directions`);
       5. project kept rows of Vh off span(Q) (history row space) and renormalise;
       6. B = U_S diag(S_S^1/2), A = diag(S_S^1/2) V_S^T.
-    Without history (or with ``tau_novel <= 0``, which disables the capability gap: no filter, no
-    projection), B @ A is the rank-r truncation of the buffer's update. With history, the rows of A are
-    orthogonal to span(Q). Returns tensors in at least float32, detached.
+    Without history (or with ``capability_gap=False``, or ``tau_novel <= 0`` as in the authors' code: no
+    filter, no projection), B @ A is the rank-r truncation of the buffer's update. With history, the rows of A
+    are orthogonal to span(Q). Returns tensors in at least float32, detached.
     """
     U, S, Vh = buffer_update_svd(B_buf, A_buf, scale)
     d_in = A_buf.shape[1]
-    if tau_novel <= 0:
-        # the ablation "no capability gap": neither the novelty filter nor the projection off the history
-        # (the authors' code skips both when tau_novel is 0), so the expert is the buffer's plain truncation
+    if not capability_gap or tau_novel <= 0:
+        # the ablation "no capability gap": neither the novelty filter nor the projection off the history,
+        # so the expert is the buffer's plain truncation
         history_As = []
     Q = history_basis(history_As, tol, dim=d_in).to(device=Vh.device, dtype=Vh.dtype)
     has_history = Q.shape[1] > 0
     nov = novelty(Vh, Q) if has_history else None
-    idx = select_expert_directions(S, nov, tau_alloc, tau_novel, r_min, r_max, fixed_rank)
+    idx = select_expert_directions(S, nov, tau_alloc, tau_novel, r_min, r_max, fixed_rank, alloc_units)
     idx_dev = idx.to(S.device)
-    n_cand = max(1, min(int((S > tau_alloc).sum()), int(r_max)))
+    n_cand = max(1, min(allocation_count(S, tau_alloc, alloc_units), int(r_max)))
     S_k, U_k, V_k = S[idx_dev], U[:, idx_dev], Vh[idx_dev]
     replaced = 0
     if has_history:
@@ -205,4 +234,5 @@ def consolidate_buffer(B_buf: Tensor, A_buf: Tensor, scale: float, history_As: l
         novelty=nov,
         n_candidates=n_cand,
         n_replaced=replaced,
+        spectrum=S.detach(),
     )

@@ -34,11 +34,12 @@ from cramcl.encoders import RoutingEncoders
 from cramcl.errors import BadInputError
 from cramcl.methods.base import Method, Phase, Services, freeze_all_experts
 from cramcl.methods.cram.centroids import (CentroidAccumulator, CentroidBank, best_two_expert_weight, centroid_gap,
-                                          group_layer_weights, routing_check, scatter_group_weights,
-                                          standardizing_scale)
+                                          group_layer_weights, oracle_routing_weights, routing_check,
+                                          scatter_group_weights, standardizing_scale)
 from cramcl.methods.cram.config import ROUTING_MODES, SIGMA_UNITS, CramConfig
 from cramcl.methods.cram.consolidation import consolidate_buffer
 from cramcl.methods.cram.groups import InstructionGroups
+from cramcl.methods.cram.oracle import oracle_groups, oracle_positions
 from cramcl.methods.cram.penalty import OrthogonalityPenalty
 from cramcl.methods.cram.report import describe_routing, report_sections, stream_analysis
 from cramcl.methods.cram.state import load_cram_state, param_counts, save_cram_state
@@ -67,6 +68,7 @@ class Cram(Method):
         self.task_group: list[int] = []
         self.consolidation_log: list[dict] = []  # per task: its group, rank per module, history size
         self.routing_checks: list[dict] = []  # per task in a shared group: its centroids on its own images
+        self.oracle_overruled = 0  # routing=oracle: evaluated records whose instruction picked another group
         self._c_buf = CentroidAccumulator()
         self._phase = "eval"
         self.penalty = OrthogonalityPenalty()
@@ -118,10 +120,11 @@ class Cram(Method):
         self.services.log(f"    CRAM: task '{task.name}' -> group {group} ({'new' if created else 'joined'})")
         self._c_buf.reset()
         if self.cfg.no_warmup:
-            # the buffer joins the pool directly as the task's expert (rank R, scale alpha/R)
+            # a fresh expert joins the pool at once (rank fixed_rank, else R; the buffer's scale alpha/R)
             q_first = self.encoders.image_embeddings(first)
+            rank = self.cfg.fixed_rank or self.cfg.buffer_rank
             for layer in self.layers.values():
-                layer.add_expert(self.cfg.buffer_rank, alpha=self.cfg.buffer_alpha)
+                layer.add_expert(rank, alpha=self.cfg.buffer_alpha * rank / self.cfg.buffer_rank)
             self._register_expert(group, task_index, q_first.mean(0), q_first.float().var(0, unbiased=False))
         else:
             for layer in self.layers.values():
@@ -235,20 +238,26 @@ class Cram(Method):
         variance = None if self.cfg.routing_metric == "euclidean" else self._c_buf.variance()
         group, task = self.task_group[-1], self.current_task
         history = self._group_experts(group)
-        ranks = {}
+        ranks, spectra, novelty = {}, {}, {}
         for key, layer in self.layers.items():
             result = consolidate_buffer(
                 layer.buffer_B.detach().float(), layer.buffer_A.detach().float(), layer.buffer_scale,
                 [layer.experts_A[k].detach().float() for k in history], tau_alloc=self.cfg.tau_alloc,
-                tau_novel=self.cfg.tau_novel, r_min=self.cfg.r_min, r_max=self.cfg.r_max, fixed_rank=self.cfg.fixed_rank)
+                tau_novel=self.cfg.tau_novel, r_min=self.cfg.r_min, r_max=self.cfg.r_max, fixed_rank=self.cfg.fixed_rank,
+                alloc_units=self.cfg.alloc_units, capability_gap=self.cfg.capability_gap)
             # the SVD runs on every process; rank 0's result is the one all keep (bit-identical experts)
             layer.add_expert(A=broadcast_from_main(result.A.to(self.device)),
                              B=broadcast_from_main(result.B.to(self.device)), scale=1.0)
             layer.drop_buffer()  # reset: the next task's before_task makes a fresh one (A random, B = 0)
             ranks[key] = result.rank
+            spectra[key] = [float(f"{v:.4g}") for v in result.spectrum.tolist()]
+            if result.novelty is not None:
+                novelty[key] = [round(v, 4) for v in result.novelty.tolist()]
         self._register_expert(group, task, c_buf, variance)
-        self.consolidation_log.append({"task": task, "group": group, "ranks": ranks,
-                                       "history_experts": len(history)})
+        # the buffer's whole spectrum and each direction's novelty: what the allocation rule saw (docs/cram.md,
+        # "Reading a run")
+        self.consolidation_log.append({"task": task, "group": group, "ranks": ranks, "history_experts": len(history),
+                                       "spectra": spectra, "novelty": novelty})
 
     # ------------------------------------------------------------------ routing
     def prepare_batch(self, batch: dict, train: bool) -> None:
@@ -264,6 +273,9 @@ class Cram(Method):
             groups = torch.full((len(records),), self.task_group[-1], dtype=torch.long)
         else:
             groups = self.assign_groups(records)
+            if self.cfg.routing == "oracle":
+                groups, overruled = oracle_groups(groups, batch.get("task_index"), self.expert_task, self.expert_group)
+                self.oracle_overruled += overruled
         # a sample runs only its own group's experts: the batch computes over the groups it holds, not all
         present = set(groups.tolist())
         self.context.active = tuple(k for k, g in enumerate(self.expert_group) if g in present)
@@ -293,12 +305,17 @@ class Cram(Method):
             if not experts:
                 continue
             rows = (groups == g).nonzero(as_tuple=True)[0]
-            oracle = None
+            q_g, centroids, scale = to_device(q[rows], self.device), self.centroids.stacked(experts), \
+                self._metric_scale(experts)
+            mode = "per_sample" if self.cfg.routing == "oracle" else self.cfg.routing
+            weights = group_layer_weights(q_g, centroids, self.cfg.sigma, mode, self.cfg.sigma_units, scale)
             if self.cfg.routing == "oracle":
-                oracle = self._oracle_positions(experts, task_index, rows)
-            weights = group_layer_weights(to_device(q[rows], self.device), self.centroids.stacked(experts),
-                                          self.cfg.sigma, self.cfg.routing, oracle, self.cfg.sigma_units,
-                                          self._metric_scale(experts))
+                # the own task's expert alone; a record with none here (no task id, a task not trained yet)
+                # keeps the image's routing
+                own = to_device(oracle_positions(self.expert_task, experts, task_index, rows), self.device)
+                known = own >= 0
+                one_hot = oracle_routing_weights(own.clamp_min(0), len(experts), dtype=weights.dtype)
+                weights = torch.where(known[None, :, None], one_hot[None], weights)
             per_group[g] = (rows, weights, experts)
         return scatter_group_weights(per_group, len(records), len(self.expert_group), self.num_layers)
 
@@ -307,17 +324,6 @@ class Cram(Method):
         if self.cfg.routing_metric == "euclidean" or len(experts) < 2:
             return None
         return standardizing_scale(torch.stack([self.expert_variance[k] for k in experts]), self.cfg.metric_shrinkage)
-
-    def _oracle_positions(self, experts: list[int], task_index, rows: Tensor) -> Tensor:
-        """(B_g,) position within ``experts`` of each row's own task's expert (0 when it has none in the
-        group). ``task_index``: one task for the batch, or a (B,) tensor / list of per-record tasks."""
-        if task_index is None:
-            return torch.zeros(rows.numel(), dtype=torch.long, device=self.device)
-        ids = torch.as_tensor(task_index).reshape(-1).cpu()
-        ids = ids.expand(int(rows.max()) + 1) if ids.numel() == 1 else ids
-        own_task = [self.expert_task[k] for k in experts]
-        pos = [own_task.index(t) if t in own_task else 0 for t in ids[rows.cpu()].tolist()]
-        return to_device(torch.tensor(pos, dtype=torch.long), self.device)
 
     def _update_prototype(self, records) -> None:
         t = self.encoders.text_embeddings(records)

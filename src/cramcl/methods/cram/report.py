@@ -25,7 +25,8 @@ def own_expert_weights(method, tasks) -> dict[str, dict]:
     """Per seen task: the mean routing weight its own expert gets on its own test images, routed exactly as
     at evaluation (level-1 group from the text, no task id; records sent to another group give 0).
 
-    Returns {task: {"mean": over layers and records, "per_layer": [L floats], "experts_in_group": n}}."""
+    Returns {task: {"mean": over layers and records, "per_layer": [L floats], "experts_in_group": n,
+    "earlier_experts": the mean weight of the group's experts made before the task's own (reuse)}}."""
     out = {}
     for i, task in enumerate(tasks):
         if i not in method.expert_task or not len(task.test):
@@ -33,11 +34,13 @@ def own_expert_weights(method, tasks) -> dict[str, dict]:
         k = method.expert_task.index(i)
         records = list(task.test)
         oracle = torch.full((len(records),), i) if method.cfg.routing == "oracle" else None
-        w = method.routing_weights(records, method.assign_groups(records), oracle)[:, :, k]  # (L, B)
-        per_layer = w.float().mean(1)
+        weights = method.routing_weights(records, method.assign_groups(records), oracle)  # (L, B, K)
+        per_layer = weights[:, :, k].float().mean(1)
+        earlier = [j for j in method._group_experts(method.expert_group[k]) if j < k]
         out[task.name] = {"mean": round(float(per_layer.mean()), 4),
                           "per_layer": [round(float(v), 4) for v in per_layer],
-                          "experts_in_group": len(method._group_experts(method.expert_group[k]))}
+                          "experts_in_group": len(method._group_experts(method.expert_group[k])),
+                          "earlier_experts": round(float(weights[:, :, earlier].float().sum(-1).mean()), 4)}
     return out
 
 
@@ -55,9 +58,13 @@ def stream_analysis(method, tasks) -> dict:
     if shared:
         method.services.log("    CRAM: own expert's weight on own test images: "
                             + ", ".join(f"{t} {w:.2f}" for t, w in shared.items()))
+    if method.oracle_overruled:
+        method.services.log(f"    CRAM WARNING: routing=oracle overruled the instruction's group for "
+                            f"{method.oracle_overruled} evaluated record(s): level 1 sent them to a group without "
+                            "their task's expert")
     return {"groups": method.groups.num_groups, "task_group": dict(zip([t.name for t in tasks], method.task_group)),
             "group_accuracy": method.group_accuracy, "own_expert_weight": method.own_weights,
-            "routing_checks": method.routing_checks,
+            "routing_checks": method.routing_checks, "oracle_overruled_records": method.oracle_overruled,
             "experts": [dict(r, params=int(r["params"])) for r in rank_summary(method)]}
 
 
@@ -79,8 +86,9 @@ def report_sections(method) -> list[tuple[str, str]]:
         sections.append(("CRAM: level-1 routing accuracy on test records (no task id)", "\n".join(acc)))
     own = getattr(method, "own_weights", None)
     if own:
-        rows = ["| task | experts in its group | own expert's mean weight | per layer |", "|---|---|---|---|"]
-        rows += [f"| {t} | {w['experts_in_group']} | {w['mean']:.3f} | "
+        rows = ["| task | experts in its group | own expert's mean weight | earlier experts' weight | per layer |",
+                "|---|---|---|---|---|"]
+        rows += [f"| {t} | {w['experts_in_group']} | {w['mean']:.3f} | {w['earlier_experts']:.3f} | "
                  + " ".join(f"{v:.2f}" for v in w["per_layer"]) + " |" for t, w in own.items()]
         sections.append(("CRAM: routing weight of each task's own expert on its own test images",
                          "Routed as at evaluation (group from the instruction, weights from the image; no task "

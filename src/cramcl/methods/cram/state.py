@@ -19,7 +19,7 @@ def save_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> tuple[dic
     meta["cram"] = {"groups": {k: v for k, v in groups.items() if not torch.is_tensor(v)},
                     "expert_group": method.expert_group, "expert_task": method.expert_task,
                     "task_group": method.task_group, "consolidation": method.consolidation_log,
-                    "routing_checks": method.routing_checks}
+                    "routing_checks": method.routing_checks, "oracle_overruled": method.oracle_overruled}
     return tensors, meta
 
 
@@ -39,6 +39,7 @@ def load_cram_state(method, tensors: dict[str, Tensor], meta: dict) -> None:
     method.task_group = list(info["task_group"])
     method.consolidation_log = list(info["consolidation"])
     method.routing_checks = list(info.get("routing_checks", []))  # absent in checkpoints of cramcl <= 0.1
+    method.oracle_overruled = int(info.get("oracle_overruled", 0))  # absent in checkpoints of cramcl <= 0.2
 
 
 def param_counts(method) -> dict[str, int]:
