@@ -76,6 +76,8 @@ def environment_record(cfg, accelerator, backbone, bench) -> dict:
         "device": str(accelerator.device),
         "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
         "world_size": accelerator.num_processes,
+        # FSDP2 on the frozen base (engine/sharding.py), or null: data-parallel (DDP) or one process
+        "sharding": backbone.shards.describe() if getattr(backbone, "shards", None) is not None else None,
         "per_device_batch_size": cfg.train.batch_size,
         "grad_accum": cfg.train.grad_accum,
         "global_batch_size": global_batch(cfg.train, accelerator.num_processes),

@@ -14,6 +14,7 @@ from cramcl.data.stream import check_stream_images, load_stream
 from cramcl.engine.checkpoint import TaskCheckpoint, checkpoint_for_reading, read_checkpoint
 from cramcl.engine.env import make_accelerator
 from cramcl.engine.loader import resolve_workers
+from cramcl.engine.sharding import shard_frozen_base, take_over_fsdp_request
 from cramcl.engine.run_record import RunRecord
 from cramcl.engine.saved_config import load_saved_config
 from cramcl.errors import BadInputError
@@ -44,6 +45,7 @@ def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = Fals
     bench = load_stream(cfg.data)
     if check_images:
         check_stream_images(bench)
+    fsdp = take_over_fsdp_request()  # before the Accelerator: cramcl shards the frozen base itself (engine/sharding.py)
     accelerator = make_accelerator(cfg, out)
     torch.manual_seed(cfg.seed)
     with accelerator.main_process_first():  # one process trains/caches the base stage, the others load it
@@ -52,6 +54,11 @@ def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = Fals
     method = build_method(cfg.method, cfg.method_args)
     method.setup(Services(backbone=backbone, run_config=cfg, log=log))
     backbone.model.to(accelerator.device)
+    backbone.shards = None
+    if fsdp and accelerator.num_processes > 1:
+        backbone.shards = shard_frozen_base(backbone.model, accelerator)
+        log(f"FSDP2: the frozen base is {len(backbone.shards.units)} units sharded over {accelerator.num_processes} "
+            "processes while training; adapters and centroids replicated")
     return Session(cfg, bench, accelerator, backbone, method)
 
 

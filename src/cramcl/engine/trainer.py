@@ -200,14 +200,20 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
         phase_batches = all_batches[done * cfg.grad_accum:phase_end * cfg.grad_accum]
         loader = make_loader(records, phase_batches, micro_global, backbone, train=True, workers=loader_workers,
                              pin=accelerator.device.type == "cuda")
-        model, opt, loader = accelerator.prepare(backbone.model, opt, loader)
+        shards = getattr(backbone, "shards", None)
+        if shards is None:
+            model, opt, loader = accelerator.prepare(backbone.model, opt, loader)
+        else:  # FSDP2 on the frozen base (engine/sharding.py): no DDP wrapper, every trainable is reduced below
+            opt, loader = accelerator.prepare(opt, loader)
+            model = backbone.model
+            shards.sharded()
         if resuming:
             opt.load_state_dict(unflatten_optimizer_state(resume.trainer_tensors, resume.trainer_meta["optimizer"]))
         pending_rng = (resume.prefixed(""), resume.trainer_meta) if resuming else None
-        # parameters a method keeps outside the model (e.g. CRAM's centroids) are not seen by DDP:
-        # their gradients are averaged across processes here
+        # parameters a method keeps outside the model (e.g. CRAM's centroids) are not seen by DDP, and
+        # with a sharded base there is no DDP: their gradients are averaged across processes here
         in_model = {id(p) for p in backbone.model.parameters()}
-        outside = [p for p in params if id(p) not in in_model] if accelerator.num_processes > 1 else []
+        outside = [p for p in params if id(p) not in in_model or shards is not None] if accelerator.num_processes > 1 else []
         model.train()
         t_phase, steps_at_start = time.perf_counter(), done
         for micro, batch in enumerate(loader):
@@ -263,6 +269,8 @@ def train_task(accelerator, backbone, method, records, cfg: TrainConfig, task_in
         if pending_rng is not None:  # resumed at the phase's last step: no batch left, the phase change is next
             restore_rng(*pending_rng)
         check(phase.name)  # before the phase change (e.g. an SVD of the buffer) and before any checkpoint
+        if shards is not None:
+            shards.gathered()  # the phase change (CRAM's consolidation) and evaluation run on the whole base
         method.end_phase(phase)
         model.eval()
         accelerator.free_memory()  # drop the phase's prepared optimizer/loader before the next phase
