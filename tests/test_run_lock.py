@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cramcl.cli import main
 from cramcl.engine import run_lock
@@ -290,3 +291,55 @@ def test_the_run_then_ends_exit_0_releasing_its_lock_and_resume_takes_over_a_sta
     assert len(stale) == 1 and f"(pid {killed.pid} on " in stale[0], stale
     assert (out / "results" / "matrix.json").read_text() == matrix
     assert not (out / "run.lock").exists()
+
+
+FORKED_WORKER = """
+import os, sys, time
+from pathlib import Path
+from cramcl.engine import run_lock
+lock = run_lock.acquire(Path(sys.argv[1]), log=lambda *a: None)
+if os.fork() == 0:  # a forked DataLoader worker: it outlives its parent by a while
+    if sys.argv[2] == "drop":
+        run_lock.drop_inherited_locks()
+    time.sleep(30)
+    os._exit(0)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("worker", ["drop", "keep"])
+def test_a_forked_worker_outliving_a_killed_run_does_not_hold_its_lock(tmp_path, worker):
+    """The DataLoader's workers call drop_inherited_locks: once the run is killed its lock is free at once even
+    while a worker lives on; a worker that kept the inherited descriptor (``keep``) holds the run (the failure
+    this guards against)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", FORKED_WORKER, str(out), worker], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:
+        if worker == "drop":
+            with run_lock.hold_run_lock(out, log=LogSink()):
+                pass
+        else:
+            with pytest.raises(BadInputError):
+                with run_lock.hold_run_lock(out, log=LogSink()):
+                    pass
+    finally:
+        subprocess.run(["pkill", "-f", f"{out}"], check=False)  # the orphaned worker
+
+
+def test_the_loaders_workers_drop_the_inherited_lock(tmp_path):
+    from cramcl.engine import loader
+
+    fd = os.open(tmp_path / "lockfile", os.O_RDWR | os.O_CREAT)
+    run_lock._HELD_FDS.add(fd)
+    threads = torch.get_num_threads()
+    try:
+        loader._worker_init(0)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+    assert not run_lock._HELD_FDS

@@ -13,6 +13,8 @@ import os
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cramcl.engine.run_lock import drop_inherited_locks
+
 MAX_AUTO_WORKERS = 8
 
 
@@ -60,6 +62,7 @@ def resolve_workers(setting: str | int, backbone, local_processes: int = 1, cpus
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers decode and resize images; threads per worker would oversubscribe the CPUs
+    drop_inherited_locks()  # a worker outliving a killed run must not keep its run directory locked
 
 
 def make_loader(records, batches: list[list[int]], batch_size: int, backbone, *, train: bool, workers: int,

@@ -181,15 +181,33 @@ def refuse_if_held(run_dir: Path) -> None:
         os.close(fd)  # also lets go of the probe's lock
 
 
+_HELD_FDS: set[int] = set()  # this process's locked descriptors (closed in forked workers: drop_inherited_locks)
+
+
+def drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the run lock's descriptors it inherited. A ``flock`` lasts
+    until every descriptor of its open file is closed, so a worker that outlives a killed run would otherwise
+    hold the run's lock for the seconds it takes to notice, and refuse the ``--resume`` started meanwhile."""
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
 class RunLock:
     """The held lock of one run directory; :meth:`release` deletes the file and lets go."""
 
     def __init__(self, run_dir: Path, fd: int, created: list[Path]):
         self.run_dir, self.fd, self.created = run_dir, fd, created
+        if fd is not None:
+            _HELD_FDS.add(fd)
 
     def release(self) -> None:
         if self.fd is None:
             return
+        _HELD_FDS.discard(self.fd)
         try:
             lock_path(self.run_dir).unlink(missing_ok=True)  # while still locked: see the module docstring
         except OSError:
