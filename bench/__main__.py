@@ -36,6 +36,8 @@ BENCHMARKS = {
     "feature_batch": "time per image of the tiny backbone's EfficientNet-Lite0 forward against the batch size",
     "gpu_suite": "the GPU half in one command (bench/gpu_suite.sh): adapter_layer and llava_suite at "
                  "LLaVA-1.5-7B's shapes, bf16",
+    "gpu_e2e": "the command line end to end on a GPU at 7B shapes (random-weight LLaVA-1.5-7B and Qwen2-VL-7B "
+               "checkpoints): run, SIGKILL mid-task, --resume, export; time and peak memory per phase; --tiny: CPU",
 }
 
 
