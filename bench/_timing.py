@@ -37,6 +37,28 @@ def side_by_side(variants: dict[str, Callable[[], object]], repeats: int, warmup
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def count_ops(fn: Callable[[], object]) -> int:
+    """Operators fn() dispatches that compute (views and other metadata-only ops left out): on a GPU each is a
+    kernel launch, so where a step is bound by host work (decoding) this count is its cost, exact and noise-free."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket not in _METADATA_OPS:
+                count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return count[0]
+
+
+# no data moves (views already say so through is_view; _unsafe_view is matmul's reshape of its result)
+_METADATA_OPS = {torch.ops.aten.detach, torch.ops.aten._unsafe_view}
+
+
 def machine() -> dict:
     import platform
 

@@ -13,8 +13,15 @@ step      CRAM's stable phase, built from the library's own parts: a task joinin
           Against ``lora``: one LoRA of the same active rank (the group's ranks summed) on the same 128
           modules, and ``peft``: the same LoRA through PEFT (what a user would otherwise run), when installed.
           With gradient checkpointing at batch 8, and without at batch 4. Sequence 576 image + 128 text.
+          CRAM twice: ``cram_split`` (the trainable expert in its own matmul chain beside the frozen experts'
+          chain) and ``cram_fused`` (its factors appended to the frozen chain: one pass over the activations;
+          the library's default off the CPU).
 generate  greedy decoding of 32 new tokens for a batch of 8 prompts from two groups (per-sample routing
-          over both groups' experts) against the LoRA; tokens/s.
+          over both groups' experts) against the LoRA; tokens/s; ``--blocks`` alternating blocks of
+          ``--gen-repeats`` calls per variant, medians; and the operators one call dispatches (kernel launches
+          on a GPU: what a host-bound decoding step costs, counted exactly). ``cram``: the new expert still trainable (a
+          decode between training steps); ``cram_frozen``: every expert frozen, as ``after_task`` leaves them
+          for evaluation.
 data      the LoRA's training step fed by the data path (image files decoded and processed by LLaVA's own
           processor at 336 px in DataLoader workers, pinned, copied without blocking) against the same step on
           pre-made tensors already on the device; blocks of steps alternate, medians of the blocks.
@@ -32,7 +39,7 @@ from types import SimpleNamespace
 
 import torch
 
-from _timing import emit, side_by_side, synchronizer
+from _timing import count_ops, emit, side_by_side, synchronizer
 
 from cramcl.adapters.inject import inject_adapters  # noqa: E402
 from cramcl.adapters.multi_lora import RoutingContext  # noqa: E402
@@ -83,10 +90,12 @@ def synthetic_batch(config, image_token, batch, text_len, device, dtype, gen: to
 class Adapters:
     """One variant's adapters on the model's language model (removed again by :meth:`remove`)."""
 
-    def __init__(self, model, variant: str, device, history: int = 3, other: int = 4, seed: int = 0):
+    def __init__(self, model, variant: str, device, history: int = 3, other: int = 4, seed: int = 0,
+                 fuse: bool | None = None):
         self.model, self.variant = model, variant
         self.lm = model.model.language_model
         self.ctx = RoutingContext()
+        self.ctx.fuse_trainable = fuse  # None: the library's default for the device
         L = len(self.lm.layers)
         self.layers = inject_adapters(self.lm, TARGETS, L * 4, self.ctx, dropout=0.05)
         g = torch.Generator().manual_seed(seed)
@@ -195,21 +204,21 @@ def bench_step(model, config, image_token, args, device, dtype, sync, checkpoint
     q = torch.nn.functional.normalize(torch.randn(batch_size, EMBED_DIM, generator=gen), dim=-1).to(device)
     out = {"batch": batch_size, "seq_len": batch["input_ids"].shape[1], "gradient_checkpointing": checkpointing}
     times, peaks = {}, {}
-    for variant in ("lora", "cram", "peft"):
+    for variant in ("lora", "cram_split", "cram_fused", "peft"):
         if variant == "peft":
             params = peft_lora(model, out.get("active_rank", 8))
             if params is None:
                 continue
             fn = train_step_fn(lambda: model(**batch).loss, params)
         else:
-            ad = Adapters(model, variant, device)
+            ad = Adapters(model, variant.split("_")[0], device, fuse=variant.endswith("_fused"))
             out["active_rank"] = ad.active_rank
             fn = train_step_fn(lambda: ad.loss(batch, q), ad.trainable)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         times[variant] = side_by_side({variant: fn}, args.steps, warmup=2, sync=sync)[variant]
         peaks[variant] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        if args.profile and variant in ("lora", "cram"):
+        if args.profile and variant in ("lora", "cram_split", "cram_fused"):
             profile(fn, f"{args.profile}/profile_step_{variant}_{'ckpt' if checkpointing else 'nockpt'}.txt", sync)
         ad.remove() if variant != "peft" else remove_peft(model)
     # a second lora measurement after the others: the first one also warmed the allocator and kernels
@@ -220,7 +229,8 @@ def bench_step(model, config, image_token, args, device, dtype, sync, checkpoint
     lora = min(times["lora"], times["lora_again"])
     out.update({f"{k}_step_s": round(v, 4) for k, v in times.items()})
     out.update({f"{k}_peak_gib": round(v, 2) for k, v in peaks.items() if v is not None})
-    out["cram_over_lora"] = round(times["cram"] / lora, 3)
+    for variant in ("cram_split", "cram_fused"):
+        out[f"{variant}_over_lora"] = round(times[variant] / lora, 3)
     if "peft" in times:
         out["lora_over_peft"] = round(lora / times["peft"], 3)
     model.gradient_checkpointing_disable()
@@ -251,22 +261,39 @@ def bench_generate(model, config, image_token, args, device, dtype, sync) -> dic
     new_tokens = args.new_tokens
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
               pad_token_id=0, eos_token_id=None)
-    times = {}
-    for variant in ("lora", "cram", "lora_again"):
-        ad = Adapters(model, variant.removesuffix("_again"), device, seed=3)
+    # the variants' adapters cannot coexist on one model: blocks of repeats alternate, medians over all blocks
+    samples = {"lora": [], "cram": [], "cram_frozen": []}
+    ops = {}  # operators (kernel launches on a GPU) of one generate call
+    for _ in range(args.blocks):
+        for variant in samples:
+            ad = Adapters(model, variant.split("_")[0], device, seed=3)
+            if variant == "cram_frozen":
+                for layer in ad.layers.values():
+                    layer.set_expert_trainable(layer.num_experts - 1, False)
 
-        def run(ad=ad):
-            if ad.variant == "cram":
-                weights = ad.route(groups, q).to(dtype)  # once per batch, in the model's dtype, as CramMethod
-                ad.ctx.route = lambda layer, x: weights[layer.layer_index]  # does: every decoding step reuses it
-            return model.generate(**inputs, **kw)
-        times[variant] = side_by_side({variant: run}, args.gen_repeats, warmup=1, sync=sync)[variant]
-        ad.remove()
-    times["lora"] = min(times["lora"], times.pop("lora_again"))
+            def run(ad=ad):
+                if ad.variant == "cram":
+                    weights = ad.route(groups, q).to(dtype)  # once per batch, in the model's dtype, as CramMethod
+                    ad.ctx.route = lambda layer, x: weights[layer.layer_index]  # does: every decoding step reuses
+                return model.generate(**inputs, **kw)
+            run()  # warm-up
+            ops[variant] = count_ops(run)
+            for _ in range(args.gen_repeats):
+                sync()
+                t0 = time.perf_counter()
+                run()
+                sync()
+                samples[variant].append(time.perf_counter() - t0)
+            ad.remove()
+    times = {k: statistics.median(v) for k, v in samples.items()}
     tokens = 8 * new_tokens
     return {"batch": 8, "new_tokens": new_tokens, **{f"{k}_s": round(v, 4) for k, v in times.items()},
             **{f"{k}_tokens_per_s": round(tokens / v, 1) for k, v in times.items()},
-            "cram_over_lora": round(times["cram"] / times["lora"], 3)}
+            "cram_over_lora": round(times["cram"] / times["lora"], 3),
+            "cram_frozen_over_lora": round(times["cram_frozen"] / times["lora"], 3),
+            **{f"{k}_ops": v for k, v in ops.items()},
+            "ops_cram_over_lora": round(ops["cram"] / ops["lora"], 3),
+            "ops_cram_frozen_over_lora": round(ops["cram_frozen"] / ops["lora"], 3)}
 
 
 def bench_data(model, args, device, dtype, sync, image_token: int, tok) -> dict:
@@ -354,10 +381,12 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--block-steps", type=int, default=4)
     ap.add_argument("--profile", help="a folder for torch.profiler tables of one lora and one cram step")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"),
+                    help="default: bfloat16 on a GPU, float32 on the CPU (bfloat16 there counts a GPU run's operators)")
     ap.add_argument("--json")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
     sync = synchronizer(device)
     from cramcl.backbones.hf.tiny_models import build_tokenizer
 

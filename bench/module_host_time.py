@@ -3,7 +3,7 @@ negligible and what is left is the Python and dispatch work per module that a GP
 times (LLaVA-7B) per token: a plain linear, our LoRA (one trainable expert), and CRAM's routed module with 8
 frozen experts and per-sample weights that come back unchanged (a decoding step).
 
-    python -m bench module_host_time [--repeats 3000]
+    python -m bench module_host_time [--repeats 3000]     # calls per variant, timed in round-robin blocks of 20
 """
 from __future__ import annotations
 
@@ -29,15 +29,20 @@ def module(experts: int, frozen: bool):
 
 
 @torch.no_grad()
-def median_us(fn, x, repeats: int) -> float:
-    for _ in range(200):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
+def median_us(variants: dict, x, rounds: int, block: int = 20) -> dict[str, float]:
+    """Median microseconds per call of each variant, timed in blocks of ``block`` calls, the variants in turn
+    (round-robin: a noisy neighbour slows all of them alike)."""
+    for fn in variants.values():
+        for _ in range(200):
+            fn(x)
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn(x)
+            times[name].append((time.perf_counter() - t0) / block)
+    return {name: 1e6 * statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> int:
@@ -49,10 +54,9 @@ def main() -> int:
     lora, _ = module(1, frozen=False)
     cram, ctx = module(8, frozen=True)
     weights = torch.rand(8, 8)
-    ctx.route = lambda layer, inp: weights
+    ctx.route = lambda layer, inp: weights  # the same tensor every call, as CramMethod's per-layer views
     ctx.active = tuple(range(8))
-    us = {"linear": median_us(torch.nn.Linear(8, 8), x, args.repeats), "lora": median_us(lora, x, args.repeats),
-          "cram_8_frozen": median_us(cram, x, args.repeats)}
+    us = median_us({"linear": torch.nn.Linear(8, 8), "lora": lora, "cram_8_frozen": cram}, x, args.repeats // 20)
     print(", ".join(f"{k} {v:.1f} us" for k, v in us.items()) + f"; cram / lora {us['cram_8_frozen'] / us['lora']:.2f}")
     emit("module_host_time", {"us": {k: round(v, 1) for k, v in us.items()}})
     return 0

@@ -9,12 +9,15 @@ from adapter_fixtures import D_IN, D_OUT, naive, ragged_layer, x_and_weights
 
 
 # ------------------------------------------------------------------ only the active experts run
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("active", [(0, 2), (1,), (), (0, 1, 2)])
 @pytest.mark.parametrize("trainable", [(), (2,), (0, 2)])
-def test_only_the_active_experts_run_with_the_same_numbers(active, trainable):
+def test_only_the_active_experts_run_with_the_same_numbers(active, trainable, fuse):
     """Weights are zero outside ``active`` (as a method that names the active set guarantees): the output
-    equals the naive sum over every expert, frozen experts from the cache and trainable ones on their own."""
+    equals the naive sum over every expert, frozen experts from the cache and trainable ones on their own
+    (or, fused, appended to the frozen ones' chain)."""
     layer, ctx, experts, _ = ragged_layer()
+    ctx.fuse_trainable = fuse
     for k in range(layer.num_experts):
         layer.set_expert_trainable(k, k in trainable)
     x, per_sample, _ = x_and_weights()
@@ -136,3 +139,111 @@ def test_optimizer_steps_on_the_trainable_expert_do_not_rebuild_the_frozen_facto
         opt.zero_grad()
     assert not torch.equal(layer.experts_B[2], before)  # it did train
     assert len(calls) == 2  # one concatenation of the frozen A's and B's, at the first forward only
+
+
+# ------------------------------------------------------------------ one chain: fused training, folded inference
+def _dispatched(fn):
+    """(result, the computing operators fn() dispatched: views and matmul's result reshapes left out; on a GPU
+    each is a kernel launch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket not in (torch.ops.aten._unsafe_view, torch.ops.aten.detach):
+                seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = fn()
+    return out, seen
+
+
+def _matmuls(fn):
+    """(result, number of matmul calls) of fn()."""
+    out, ops = _dispatched(fn)
+    return out, sum(op in ("mm", "bmm", "addmm") for op in ops)
+
+
+def test_fused_training_gives_the_split_chains_numbers_and_gradients_in_one_chain():
+    """CRAM's stable phase: frozen experts beside a trainable one, routing weights that train. Fused, the
+    forward runs one A-matmul and one B-matmul (plus the base); output and every gradient (trainable factors,
+    routing weights, input) equal the split chains'. The CPU default stays split (its float sums unchanged)."""
+    results = {}
+    for fuse in (False, True):
+        layer, ctx, experts, _ = ragged_layer()
+        layer.set_expert_trainable(0, False)
+        layer.set_expert_trainable(1, False)
+        ctx.fuse_trainable = fuse
+        x, per_sample, _ = x_and_weights()
+        x.requires_grad_(True)
+        w = per_sample.clone().requires_grad_(True)
+        ctx.route = lambda lyr, inp: w
+        out, mm = _matmuls(lambda: layer(x))
+        assert mm == (3 if fuse else 5)  # base + (A, B) once, or + (A, B) per chain
+        out.pow(2).sum().backward()
+        assert layer.experts_A[0].grad is None and layer.experts_B[1].grad is None  # frozen stay frozen
+        results[fuse] = [out.detach(), x.grad, w.grad, layer.experts_A[2].grad, layer.experts_B[2].grad]
+        assert torch.allclose(out, naive(layer, x.detach(), experts, per_sample), atol=1e-5, rtol=1e-5)
+    for split, fused in zip(results[False], results[True]):
+        assert torch.allclose(split, fused, atol=1e-5, rtol=1e-5), (split - fused).abs().max()
+    layer, ctx, _, _ = ragged_layer()
+    layer.set_expert_trainable(0, False)
+    x, per_sample, _ = x_and_weights()
+    ctx.route = lambda lyr, inp: per_sample
+    assert ctx.fuse_trainable is None and layer._fuse(x.device) is False  # CPU: split by default
+    _, mm = _matmuls(lambda: layer(x))
+    assert mm == 7  # base, the frozen chain, one chain per trainable expert (1 and 2)
+
+
+def test_without_grad_a_trainable_expert_joins_the_cached_chain_and_is_never_served_stale():
+    """Evaluation between optimizer steps (or of a method whose expert stays trainable): with grad disabled
+    every active expert is concatenated once (one chain, no casts per forward), and a write by an optimizer
+    step rebuilds the concatenation before the next forward uses it."""
+    layer, ctx, experts, _ = ragged_layer()
+    layer.set_expert_trainable(0, False)  # 1 and 2 train
+    x, per_sample, _ = x_and_weights()
+    ctx.route = lambda lyr, inp: per_sample
+    opt = torch.optim.SGD([layer.experts_A[2], layer.experts_B[2]], lr=0.5)
+    for _ in range(2):
+        with torch.no_grad():
+            got, mm = _matmuls(lambda: layer(x))
+        assert mm == 3
+        current = [(a.detach(), b.detach(), s) for a, b, s in zip(layer.experts_A, layer.experts_B,
+                                                                   layer.expert_scales)]
+        assert torch.allclose(got, naive(layer, x, current, per_sample), atol=1e-5, rtol=1e-5)
+        layer(x).pow(2).sum().backward()  # a training step writes expert 2 in place
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        after = layer(x)
+    current = [(a.detach(), b.detach(), s) for a, b, s in zip(layer.experts_A, layer.experts_B, layer.expert_scales)]
+    assert torch.allclose(after, naive(layer, x, current, per_sample), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after, got)
+
+
+def test_a_decoding_step_dispatches_what_a_plain_lora_does():
+    """A decoding step is bound by kernel launches, not arithmetic. Per module it runs the base, the A-matmul,
+    the column multiply, the B-matmul and the add: for a one-expert LoRA, and for CRAM's module with frozen
+    experts beside a still-trainable one under per-sample weights that come back as the same tensor (no
+    casts of the factors, no zeros to add to, no gather of the weights again)."""
+    def module(experts: int, trainable: int):
+        layer, ctx, _, _ = ragged_layer(ranks=(2, 5, 3)[:experts])
+        for k in range(experts):
+            layer.set_expert_trainable(k, k == trainable)
+        return layer, ctx
+
+    x, per_sample, _ = x_and_weights()
+    lora, _ = module(1, trainable=0)
+    cram, ctx = module(3, trainable=2)
+    ctx.route = lambda lyr, inp: per_sample
+    want = ["addmm", "mm", "mul", "mm", "add"]
+    with torch.no_grad():
+        for layer in (lora, cram):
+            layer(x)  # the first step builds the plan and the multiplier
+            for _ in range(2):
+                assert _dispatched(lambda: layer(x))[1] == want
+    lora.base.to(torch.bfloat16)  # a bf16 model: the fp32 master factors are cast once, not per step
+    with torch.no_grad():
+        lora(x.to(torch.bfloat16))
+        assert _dispatched(lambda: lora(x.to(torch.bfloat16)))[1] == ["_to_copy", *want]  # x's own cast only

@@ -201,3 +201,18 @@ def test_unknown_sigma_units_is_a_config_error(tmp_path, warm_cache):
 
     with pytest.raises(BadInputError, match="sigma_units"):
         _session(tmp_path, ["method.sigma_units=metres"])
+
+
+def test_every_decoding_step_of_a_batch_gets_the_same_weight_tensors(two_tasks):
+    """Each adapted module must recognise its layer's weights at a glance over a batch's decoding steps (to
+    reuse its per-column multiplier): the route hands out the same tensor per layer until the next batch."""
+    m = two_tasks.method
+    records = list(two_tasks.bench.tasks[0].test[:4]) + list(two_tasks.bench.tasks[1].test[:4])
+    layers = list(m.layers.values())
+    m.prepare_batch(_eval_batch(two_tasks, records), train=False)
+    x = torch.zeros(len(records), 1, layers[0].in_features)
+    first = [m._route(layer, x) for layer in layers]
+    assert all(m._route(layer, x) is w for layer, w in zip(layers, first))
+    assert all(torch.equal(w, m._weights[layer.layer_index]) for layer, w in zip(layers, first))
+    m.prepare_batch(_eval_batch(two_tasks, records), train=False)  # the next batch: new tensors
+    assert all(m._route(layer, x) is not w for layer, w in zip(layers, first))

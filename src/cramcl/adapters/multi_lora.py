@@ -17,8 +17,11 @@ Experts of different ranks are concatenated, never padded. Only the *active* exp
 them per batch (``RoutingContext.active``: the experts some sample of the batch can route to, e.g. CRAM's
 groups of the batch), so a sample's cost does not grow with experts it can never use. Frozen experts'
 concatenated factors, column owners and scales are built once per active set and reused until an expert
-changes (added, made trainable, or written in place); a trainable expert joins with its own matmul, never
-copied into the concatenation.
+changes (added, made trainable, or written in place). A trainable expert joins with its own matmul chain,
+except where the forward cannot train it (grad disabled: evaluation, generation), where it is concatenated like
+a frozen one and re-concatenated after each write, or where ``RoutingContext.fuse_trainable`` asks for one
+chain (its factors appended to the frozen concatenation in every forward: one pass over the activations
+instead of two; off on the CPU by default, where it would change the order of float sums).
 """
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ class RoutingContext:
     capture: Callable[["MultiLoRALinear", Tensor], None] | None = None
     active: tuple[int, ...] | None = None  # experts the batch may use (their weights may be nonzero); None = all
     extra: dict = field(default_factory=dict)
+    # a setting, not per batch (reset keeps it): train a trainable expert inside the frozen experts' matmul
+    # chain; None = on for inputs off the CPU (docs/cram.md, "Speed")
+    fuse_trainable: bool | None = None
 
     def reset(self) -> None:
         self.route = None
@@ -61,33 +67,43 @@ class _Plan:
     """A layer's cached way to run one set of active experts (see ``MultiLoRALinear._plan``)."""
     refs: list  # the layer's list of A parameters when the plan was made (identity: a rebuilt list = stale)
     brefs: list  # ... and of B parameters
-    state: list  # per active expert: True if it trains, else its A's and B's in-place write counters
+    state: list  # per active expert: True if it trains here, else its A's and B's in-place write counters
     scales: list
-    frozen: tuple[int, ...]
-    trainable: tuple[int, ...]
+    frozen: tuple[int, ...]  # concatenated once (cached)
+    trainable: tuple[int, ...]  # read afresh in every forward
+    fused: bool = False  # the trainable experts' columns follow the frozen ones in one chain
     A_cat: Tensor | None = None  # (R, d_in) frozen experts' A's, in the compute dtype
     B_cat: Tensor | None = None  # (d_out, R)
-    owner: Tensor | None = None  # (R,) expert of each column
-    scale: Tensor | None = None  # (R,) its scale
+    owner: Tensor | None = None  # (R [+ trainable ranks if fused],) expert of each column
+    scale: Tensor | None = None  # (R [+ ...],) its scale
     _weights_seen: Tensor | None = None  # the weights the cached multiplier was made from (held, so its memory
     _multiplier: Tensor | None = None  # cannot be reused by another batch's weights while cached)
     _seen_version: int = -1  # their in-place write counter then (views share it, so it is kept as a number)
+    _seen_per_token: bool = False
 
-    def column_weights(self, weights: Tensor | None) -> Tensor:
-        """(..., R) per-column multiplier ``weights[..., owner] * scale``, reused while the same weights come
-        back (every decoding step of a batch, every module of one layer): a gather and a multiply per module
-        and step saved."""
+    def column_weights(self, weights: Tensor | None, per_token: bool) -> Tensor:
+        """Per-column multiplier ``weights[..., owner] * scale``: (R,) for no weights, (B, 1, R) for per-sample
+        weights (B, K) when ``per_token`` inputs (B, T, d) take them, else weights' shape with K -> R. Reused
+        while the same weights come back (every decoding step of a batch, every module of one layer): a
+        gather and a multiply per module and step saved."""
         if weights is None:
             return self.scale
         if weights.requires_grad:  # training the routing: a fresh graph every step, nothing to reuse
-            return weights[..., self.owner] * self.scale
+            return _per_sample(weights[..., self.owner] * self.scale, per_token)
         seen = self._weights_seen
+        if seen is weights and self._seen_version == weights._version and self._seen_per_token == per_token:
+            return self._multiplier  # the same tensor object (CramMethod's per-layer views): the fast check
         if (seen is None or seen.data_ptr() != weights.data_ptr() or seen.shape != weights.shape
                 or seen.stride() != weights.stride() or self._seen_version != weights._version
-                or seen.dtype != weights.dtype or seen.device != weights.device):
-            self._multiplier = weights[..., self.owner] * self.scale
-            self._weights_seen, self._seen_version = weights, weights._version
+                or seen.dtype != weights.dtype or seen.device != weights.device or self._seen_per_token != per_token):
+            self._multiplier = _per_sample(weights[..., self.owner] * self.scale, per_token)
+        self._weights_seen, self._seen_version, self._seen_per_token = weights, weights._version, per_token
         return self._multiplier
+
+
+def _per_sample(multiplier: Tensor, per_token: bool) -> Tensor:
+    """(B, R) -> (B, 1, R) where inputs are (B, T, d): one multiplier per sample for every token."""
+    return multiplier.unsqueeze(1) if per_token and multiplier.dim() == 2 else multiplier
 
 
 def _is_half(dtype: torch.dtype) -> bool:
@@ -192,7 +208,7 @@ class MultiLoRALinear(nn.Module):
         xd = self.dropout(x)
         if not _is_half(x.dtype):  # fp32 inputs: compute in the factors' dtype (fp64 tests stay fp64)
             xd = xd.to(self._expert_refs()[0][0].dtype if self.num_experts else self.buffer_A.dtype)
-        delta = torch.zeros((), dtype=xd.dtype, device=xd.device)
+        delta = None  # no zeros tensor to add to: one kernel launch less per module and decoding step
         if active:
             weights = ctx.route(self, x) if ctx.route is not None else None
             delta = self._experts_forward(xd, weights, tuple(active))
@@ -201,7 +217,7 @@ class MultiLoRALinear(nn.Module):
             buf = (xd @ self.buffer_A.to(xd.dtype).t()) @ self.buffer_B.to(xd.dtype).t() * self.buffer_scale
             if isinstance(w, Tensor):
                 w = w.to(buf.dtype).view(-1, *([1] * (buf.dim() - 1)))
-            delta = delta + w * buf
+            delta = w * buf if delta is None else delta + w * buf
         return y + delta.to(y.dtype)
 
     def _expert_refs(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -214,27 +230,36 @@ class MultiLoRALinear(nn.Module):
             refs = self._refs = (self.experts_A, self.experts_B, list(self.experts_A), list(self.experts_B))
         return refs[2], refs[3]
 
+    def _fuse(self, device) -> bool:
+        fuse = self.context.fuse_trainable
+        return device.type != "cpu" if fuse is None else fuse
+
     def _plan(self, active: tuple[int, ...], device, dtype) -> "_Plan":
-        """How this layer runs ``active``: which experts are frozen (concatenated, cached) and which train (own
-        matmul). Reused across forwards while no expert of the set is added, replaced, written in place
-        (``_version``), rescaled or switched between frozen and trainable; otherwise rebuilt."""
+        """How this layer runs ``active``: which experts are concatenated (cached) and which are read afresh in
+        every forward (those that train in it). Reused across forwards while no expert of the set is added,
+        replaced, written in place (``_version``), rescaled or switched between frozen and trainable; otherwise
+        rebuilt. With grad disabled nothing trains, so every expert is concatenated and its writes tracked."""
         As, Bs = self._expert_refs()
+        training = torch.is_grad_enabled()
         # a trainable expert is read afresh in every forward: only whether it trains matters, not its writes
-        state = [True if As[k].requires_grad else (As[k]._version, Bs[k]._version) for k in active]
+        state = [True if training and As[k].requires_grad else (As[k]._version, Bs[k]._version) for k in active]
         scales = [self.expert_scales[k] for k in active]
-        plan = self._plans.get((active, device, dtype))
+        fuse = training and self._fuse(device)
+        key = (active, device, dtype, training, fuse)
+        plan = self._plans.get(key)
         if plan is not None and plan.refs is As and plan.state == state and plan.scales == scales:
             return plan
-        frozen = tuple(k for k in active if not As[k].requires_grad)
-        plan = _Plan(As, Bs, state, scales, frozen, tuple(k for k in active if As[k].requires_grad))
+        frozen = tuple(k for k, s in zip(active, state) if s is not True)
+        trainable = tuple(k for k, s in zip(active, state) if s is True)
+        plan = _Plan(As, Bs, state, scales, frozen, trainable, fused=fuse and bool(frozen) and bool(trainable))
         if frozen:
             with torch.no_grad():
                 plan.A_cat = torch.cat([As[k] for k in frozen], dim=0).to(dtype)
                 plan.B_cat = torch.cat([Bs[k] for k in frozen], dim=1).to(dtype)
-            columns = [k for k in frozen for _ in range(As[k].shape[0])]
+            columns = [k for k in frozen + (trainable if plan.fused else ()) for _ in range(As[k].shape[0])]
             plan.owner = torch.tensor(columns, device=device)
             plan.scale = torch.tensor([self.expert_scales[k] for k in columns], dtype=plan.A_cat.dtype, device=device)
-        self._plans[(active, device, dtype)] = plan
+        self._plans[key] = plan
         return plan
 
     def _experts_forward(self, xd: Tensor, weights: Tensor | None, active: tuple[int, ...]) -> Tensor:
@@ -244,20 +269,24 @@ class MultiLoRALinear(nn.Module):
             if weights.shape[0] != xd.shape[0] or weights.shape[-1] != len(self.expert_scales):
                 raise RuntimeError(f"{self.key}: routing weights {tuple(weights.shape)} do not fit a batch of "
                                    f"{xd.shape[0]} over {len(self.expert_scales)} experts (stale routing state?)")
-            weights = weights.to(xd.dtype)
-            if weights.dim() == 2 and xd.dim() == 3:
-                weights = weights.unsqueeze(1)  # (B, 1, K): one weight per sample for every token
+            if weights.dtype != xd.dtype:
+                weights = weights.to(xd.dtype)
+        per_token = xd.dim() == 3
         plan = self._plan(active, xd.device, xd.dtype)
+        if plan.fused:  # one chain: the trainable experts' factors appended to the cached frozen ones
+            A = torch.cat([plan.A_cat] + [plan.refs[k].to(xd.dtype) for k in plan.trainable], dim=0)
+            B = torch.cat([plan.B_cat] + [plan.brefs[k].to(xd.dtype) for k in plan.trainable], dim=1)
+            return ((xd @ A.t()) * plan.column_weights(weights, per_token)) @ B.t()
         out = None
         if plan.frozen:
             h = xd @ plan.A_cat.t()  # (B, T, R)
-            h = h * plan.column_weights(weights)
+            h = h * plan.column_weights(weights, per_token)
             out = h @ plan.B_cat.t()
-        for k in plan.trainable:  # trainable experts (one in CRAM's stable phase): their own matmul, never copied
+        for k in plan.trainable:  # trainable experts (one in CRAM's stable phase): their own matmul chain
             A, B = plan.refs[k], plan.brefs[k]
             h = (xd @ A.to(xd.dtype).t()) * self.expert_scales[k]
             if weights is not None:
-                h = h * weights[..., k:k + 1]
+                h = h * _per_sample(weights[..., k:k + 1], per_token)
             part = h @ B.to(xd.dtype).t()
             out = part if out is None else out + part
         return out

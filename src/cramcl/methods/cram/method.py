@@ -87,12 +87,23 @@ class Cram(Method):
         self.context.route = self._route
         self._weights: Tensor | None = None
         self._cast: dict = {}  # this batch's weights and image mask in a module's compute dtype, cast once
+        self._layer_views: dict = {}  # dtype -> (this batch's weights, their per-layer views in that dtype)
 
     def _route(self, layer, x: Tensor) -> Tensor | None:
         if self._weights is None:
             return None
-        weights = self._weights if x is None else self._in_dtype("weights", self._weights, x.dtype)
-        return weights[layer.layer_index]
+        if x is None:
+            return self._weights[layer.layer_index]
+        return self._per_layer(x.dtype)[layer.layer_index]
+
+    def _per_layer(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """This batch's (B, K) weights of each layer in ``dtype``, cast and split once per batch: the same tensor
+        objects in every forward of the batch, so an adapter recognises them at a glance and reuses its
+        per-column multiplier over all decoding steps."""
+        hit = self._layer_views.get(dtype)
+        if hit is None or hit[0] is not self._weights:
+            hit = self._layer_views[dtype] = (self._weights, self._in_dtype("weights", self._weights, dtype).unbind(0))
+        return hit[1]
 
     def _in_dtype(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
         """``t`` in ``dtype``, cast once per batch rather than in each of the model's adapted modules
