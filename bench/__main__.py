@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         return subprocess.call(["bash", str(HERE / "gpu_suite.sh"), *rest])
     script = HERE / f"{name}.py"
     sys.argv = [f"python -m bench {name}", *rest]
-    sys.path.insert(0, str(HERE))  # the benchmarks' shared helper, _timing.py
+    sys.path.insert(0, str(HERE))  # the benchmarks' shared helpers (_timing.py, _e2e_*.py)
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as stop:

@@ -64,7 +64,7 @@ def test_wait_for_lock_waits_while_another_process_holds_it(tmp_path):
     the lock before --resume (which would otherwise be refused as "in use") and records how long."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from gpu_e2e import wait_for_lock
+        from _e2e_phases import wait_for_lock
     finally:
         sys.path.remove(str(ROOT / "bench"))
     assert wait_for_lock(tmp_path) == 0.0  # no lock file at all
