@@ -96,3 +96,29 @@ def cram_run(tmp_path_factory, warm_cache) -> Path:
     out = tmp_path_factory.mktemp("cram-quick") / "run"
     run_stream(quick_config("cram"), out, log=LogSink())
     return out
+
+
+# The two-process stream both multi-process tests compare against (tests/test_distributed.py: one process;
+# tests/test_sharded.py: FSDP2 through a resume): 12 steps a task at lr 1e-2, so the quick stream's scores are
+# above zero and a comparison can fail (at the default lr they are all zero); LoRA dropout off, because each
+# process draws its own masks, which at this lr moves a one-process run's scores by tens of points.
+# 2 processes x 8 = a global batch of 16.
+TWO_PROCESS_RUN = ("--method", "cram", "--profile", "quick", f"data.tasks={','.join(QUICK_TASKS)}",
+                   "train.steps_per_task=12", "train.lr=1e-2", "method.dropout=0", "train.batch_size=8")
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, warm_cache):
+    """(run directory, stdout) of TWO_PROCESS_RUN under torchrun with 2 processes (DDP on a gloo group), run
+    once per session."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "cramcl", "run", *TWO_PROCESS_RUN, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+

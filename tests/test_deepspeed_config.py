@@ -32,3 +32,32 @@ def test_accelerate_parses_the_plugin_when_deepspeed_is_installed():
 
     plugin = DeepSpeedPlugin(hf_ds_config=str(ROOT / "deepspeed_zero2.json"))
     assert plugin.zero_stage == 2
+
+
+def test_a_deepspeed_launch_is_warned_that_it_has_not_run(tmp_path, monkeypatch, warm_cache):
+    """A user launching deepspeed_zero2.yaml learns at the start that this path is unverified and which launch
+    is tested (it could otherwise resume a step checkpoint holding one process's optimizer partition)."""
+    from accelerate.utils import DistributedType
+
+    import cramcl.engine.session as session_module
+    from conftest import LogSink, quick_config
+
+    real = session_module.make_accelerator
+
+    class AsIfDeepSpeed:
+        def __init__(self, accelerator):
+            self._accelerator = accelerator
+            self.distributed_type = DistributedType.DEEPSPEED
+
+        def __getattr__(self, name):
+            return getattr(self._accelerator, name)
+
+    monkeypatch.setattr(session_module, "make_accelerator", lambda cfg, out: AsIfDeepSpeed(real(cfg, out)))
+    log = LogSink()
+    session_module.open_session(quick_config("lora-ft"), tmp_path, log=log)
+    warned = [line for line in log.lines if "DeepSpeed has not been run" in line]
+    assert len(warned) == 1 and "fsdp.yaml" in warned[0]
+    log = LogSink()
+    monkeypatch.setattr(session_module, "make_accelerator", real)
+    session_module.open_session(quick_config("lora-ft"), tmp_path / "plain", log=log)
+    assert not any("DeepSpeed" in line for line in log.lines)

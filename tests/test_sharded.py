@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK_TASKS
+from conftest import TWO_PROCESS_RUN
 
 TOLERANCE = 100.0 / 32 + 1e-6
 CONFIG = Path(__file__).resolve().parents[1] / "src" / "cramcl" / "configs" / "accelerate" / "fsdp.yaml"
-# 12 steps at lr 1e-2: the quick stream's scores are above zero, so the comparison can fail
-RUN = ["-m", "cramcl", "run", "--method", "cram", "--profile", "quick",
-       f"data.tasks={','.join(QUICK_TASKS)}", "train.steps_per_task=12", "train.lr=1e-2", "train.batch_size=8"]
+RUN = ["-m", "cramcl", "run", *TWO_PROCESS_RUN]
 
 
 def _launch(cmd, env, ok=True):
@@ -35,12 +33,10 @@ def _launch(cmd, env, ok=True):
     return proc
 
 
-def test_fsdp_matches_ddp_through_a_resume(tmp_path, warm_cache):
+def test_fsdp_matches_ddp_through_a_resume(tmp_path, ddp_run):
     pytest.importorskip("torch.distributed.fsdp").fully_shard
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    ddp = tmp_path / "ddp"
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
-             *RUN, "--out", str(ddp)], env)
+    ddp, _ = ddp_run
 
     fsdp = tmp_path / "fsdp"
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),

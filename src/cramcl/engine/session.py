@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 
 import cramcl.backbones  # build_backbone looked up when called: a test may replace it
 from cramcl.config import RunConfig
@@ -59,6 +60,10 @@ def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = Fals
         backbone.shards = shard_frozen_base(backbone.model, accelerator)
         log(f"FSDP2: the frozen base is {len(backbone.shards.units)} units sharded over {accelerator.num_processes} "
             "processes while training; adapters and centroids replicated")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        log("WARNING: DeepSpeed has not been run with cramcl (its engine steps inside backward and ZeRO keeps one "
+            "partition of the optimizer per process, which step checkpoints do not gather); configs/accelerate/"
+            "fsdp.yaml is the tested sharded launch (docs/real-models.md, \"Sharded training (FSDP2 on the frozen base)\")")
     return Session(cfg, bench, accelerator, backbone, method)
 
 
