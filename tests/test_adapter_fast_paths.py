@@ -61,12 +61,15 @@ def test_frozen_factors_are_built_once_and_rebuilt_when_an_expert_changes(monkey
 
 
 # ------------------------------------------------------------------ precision
-def test_half_precision_inputs_are_not_upcast_and_gradients_reach_float32_factors():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_half_precision_inputs_are_not_upcast_and_gradients_reach_float32_factors(fuse):
     """A bf16 model's activations stay bf16 through the adapter (no fp32 copy of x per module), the result
-    matches the fp32 computation to bf16 precision, and the float32 master factors receive float32 grads."""
+    matches the fp32 computation to bf16 precision, and the float32 master factors receive float32 grads,
+    with the trainable experts in their own chains or fused into the frozen one's (the GPU default)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     layer, ctx, experts, _ = ragged_layer()
+    ctx.fuse_trainable = fuse
     layer.set_expert_trainable(0, False)
     layer.base.to(torch.bfloat16)
     x, per_sample, _ = x_and_weights()
