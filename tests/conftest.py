@@ -122,3 +122,19 @@ def ddp_run(tmp_path_factory, warm_cache):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
+
+def assert_same_matrix(run_a: Path, run_b: Path, tolerance: float = 100.0 / 32 + 1e-6) -> None:
+    """Two runs' accuracy matrices agree cell by cell within ``tolerance`` (default: one test record of the quick
+    split; another process count adds in another order, which can flip a greedy decode on a near-tie), and
+    they are not matrices of zeros."""
+    import json
+
+    a = json.loads((run_a / "results" / "matrix.json").read_text())["scores"]
+    b = json.loads((run_b / "results" / "matrix.json").read_text())["scores"]
+    assert any(x for row in a for x in row if x is not None), a  # not a comparison of zeros
+    for row_a, row_b in zip(a, b, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert (x is None) == (y is None), (a, b)
+            if x is not None:
+                assert abs(x - y) <= tolerance, (a, b)
+

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import TWO_PROCESS_RUN, LogSink, quick_config
-
-TOLERANCE = 100.0 / 32 + 1e-6
+from conftest import TWO_PROCESS_RUN, LogSink, assert_same_matrix, quick_config
 
 
 def test_two_processes_match_one_process(tmp_path, ddp_run):
@@ -28,14 +26,7 @@ def test_two_processes_match_one_process(tmp_path, ddp_run):
 
     env_json = json.loads((two / "env.json").read_text())
     assert env_json["world_size"] == 2 and env_json["global_batch_size"] == 16
-    a = json.loads((one / "results" / "matrix.json").read_text())["scores"]
-    b = json.loads((two / "results" / "matrix.json").read_text())["scores"]
-    assert any(x for row in a for x in row if x is not None), a  # not a comparison of zeros
-    for row_a, row_b in zip(a, b):
-        for x, y in zip(row_a, row_b):
-            assert (x is None) == (y is None)
-            if x is not None:
-                assert abs(x - y) <= TOLERANCE, (a, b)
+    assert_same_matrix(one, two)
     # distributed evaluation dropped no record
     for pred in (two / "results" / "predictions" / "after_2").iterdir():
         ref = one / "results" / "predictions" / "after_2" / pred.name
