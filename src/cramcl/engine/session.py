@@ -63,7 +63,8 @@ def open_session(cfg: RunConfig, out: Path, log=print, check_images: bool = Fals
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         log("WARNING: DeepSpeed has not been run with cramcl (its engine steps inside backward and ZeRO keeps one "
             "partition of the optimizer per process, which step checkpoints do not gather); configs/accelerate/"
-            "fsdp.yaml is the tested sharded launch (docs/real-models.md, \"Sharded training (FSDP2 on the frozen base)\")")
+            "fsdp.yaml is the tested sharded launch "
+            "(docs/real-models.md, \"Sharded training (FSDP2 on the frozen base)\")")
     return Session(cfg, bench, accelerator, backbone, method)
 
 
